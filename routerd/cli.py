@@ -1,0 +1,522 @@
+"""Commands and exit codes; the only place that exits.
+
+Exit codes: 0 success, 1 the work failed (invalid config, etcd error),
+2 bad usage (a flag or argument is wrong; the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from routerd import __version__, logs, validate
+from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
+from routerd.model import APP_NAME, OPTION_PARSERS, Loader, parse_app_config
+from routerd.render import Renderer
+from routerd.settings import (
+    PACKAGE_TEMPLATES,
+    EtcdSettings,
+    NginxSettings,
+    Settings,
+    env_default,
+    env_flag,
+    parse_endpoints,
+    parse_listen,
+)
+from routerd.store import Store
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+Every flag can also be set as ROUTERD_<FLAG> in the environment
+(upper case, dashes as underscores), e.g. ROUTERD_ETCD=http://10.0.0.5:2379.
+
+examples:
+  routerd run --nginx-conf /etc/nginx/nginx.conf --supervise
+  routerd render --dry-run --diff --nginx-conf /etc/nginx/nginx.conf
+  routerd apps set shop --domain shop.example.com --option client_max_body_size=50m
+  routerd status
+"""
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _flag(
+    parser: argparse.ArgumentParser, name: str, default: str | None = None, **kw: Any
+) -> None:
+    env = "ROUTERD_" + name.lstrip("-").upper().replace("-", "_")
+    help_text = kw.pop("help", "")
+    shown = f" (default: {default})" if default is not None else ""
+    parser.add_argument(
+        name, default=env_default(name, default), help=f"{help_text}{shown} [{env}]", **kw
+    )
+
+
+def _switch(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+    env = "ROUTERD_" + name.lstrip("-").upper().replace("-", "_")
+    parser.add_argument(
+        name, action="store_true", default=env_flag(name), help=f"{help_text} [{env}]"
+    )
+
+
+def _etcd_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("etcd")
+    _flag(group, "--etcd", "http://127.0.0.1:2379", help="comma-separated endpoints, tried in turn")
+    _flag(group, "--prefix", "/routerd", help="key prefix of every routerd key")
+    _flag(group, "--etcd-ca", help="CA bundle to verify etcd's TLS certificate")
+    _flag(group, "--etcd-cert", help="client certificate for etcd TLS")
+    _flag(group, "--etcd-key", help="client key for etcd TLS")
+    _flag(group, "--etcd-user", help="etcd user name")
+    _flag(group, "--etcd-password", help="etcd password (prefer ROUTERD_ETCD_PASSWORD)")
+    _flag(group, "--log-format", "text", choices=["text", "json"], help="log line format")
+    _flag(
+        group,
+        "--log-level",
+        "info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level",
+    )
+
+
+def _nginx_flags(parser: argparse.ArgumentParser, *, conf_required: bool) -> None:
+    group = parser.add_argument_group("nginx")
+    conf_default = env_default("--nginx-conf")
+    group.add_argument(
+        "--nginx-conf",
+        default=conf_default,
+        required=conf_required and conf_default is None,
+        help="the nginx.conf routerd owns; its folder holds routerd's files [ROUTERD_NGINX_CONF]",
+    )
+    _flag(group, "--nginx-bin", "nginx", help="nginx binary, packaged or custom-built")
+    _flag(
+        group,
+        "--templates",
+        str(PACKAGE_TEMPLATES),
+        help="folder with nginx.conf.j2 and app.conf.j2",
+    )
+    _flag(
+        group, "--runtime-dir", help="pid, logs and temp folders (default: folder of --nginx-conf)"
+    )
+    _flag(group, "--http-listen", "0.0.0.0:80", help="address of the HTTP servers")
+    _flag(group, "--https-listen", "0.0.0.0:443", help="address of the HTTPS servers")
+    _flag(
+        group,
+        "--status-listen",
+        "127.0.0.1:18081",
+        help="loopback server that answers with the served generation",
+    )
+    _flag(group, "--pool", "shared", help="serve only the apps of this pool")
+    _flag(group, "--nginx-pid-file", help="pid file of the nginx master to signal (sidecar mode)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routerd",
+        description="Router configuration sidecar for nginx: etcd in, confirmed reloads out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"routerd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    run = commands.add_parser(
+        "run", help="the daemon: watch etcd, render, validate, reload, confirm"
+    )
+    _etcd_flags(run)
+    _nginx_flags(run, conf_required=True)
+    mode = run.add_argument_group("daemon")
+    _switch(
+        mode, "--supervise", "start nginx as a child and reload it (else signal --nginx-pid-file)"
+    )
+    _flag(mode, "--router-id", os.uname().nodename, help="name of this router's status key")
+    _flag(
+        mode,
+        "--dynamic-backends",
+        "auto",
+        choices=["auto", "on", "off"],
+        help="apply instance changes inside nginx (needs the Lua module; not in this version)",
+    )
+    _flag(mode, "--metrics-listen", "127.0.0.1:9145", help="/healthz, /readyz and /metrics")
+    _switch(mode, "--allow-shrink", "apply snapshots that drop all apps or more than half of them")
+    _flag(mode, "--debounce-min", "0.02", type=float, help="quiet seconds before applying a change")
+    _flag(mode, "--debounce-max", "1.0", type=float, help="longest wait in seconds during a burst")
+    _flag(mode, "--resync-interval", "60", type=float, help="seconds between full rereads of etcd")
+    _flag(
+        mode,
+        "--stale-after",
+        "30",
+        type=float,
+        help="seconds without hearing from etcd before /healthz fails",
+    )
+    _flag(
+        mode,
+        "--reload-timeout",
+        "15",
+        type=float,
+        help="seconds to wait for nginx to serve a new generation",
+    )
+    _flag(mode, "--keep-failed", "5", type=int, help="failed candidates kept for inspection")
+
+    render = commands.add_parser("render", help="render from etcd, validate, print; change nothing")
+    _etcd_flags(render)
+    _nginx_flags(render, conf_required=False)
+    render.add_argument(
+        "--dry-run",
+        action="store_true",
+        required=True,
+        help="required: render never installs anything",
+    )
+    render.add_argument(
+        "--diff", action="store_true", help="print a unified diff against --nginx-conf"
+    )
+
+    apps = commands.add_parser("apps", help="edit app config in etcd (validated before writing)")
+    apps_commands = apps.add_subparsers(dest="apps_command", required=True, metavar="action")
+    app_set = apps_commands.add_parser("set", help="create or replace an app's config")
+    app_set.add_argument("app")
+    app_set.add_argument("--domain", action="append", required=True, help="a domain (repeatable)")
+    app_set.add_argument("--pool", default="shared", help="router pool (default: shared)")
+    app_set.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help=f"option (repeatable): {', '.join(OPTION_PARSERS)}",
+    )
+    apps_ls = apps_commands.add_parser("ls", help="list apps")
+    apps_rm = apps_commands.add_parser("rm", help="remove an app and its instances")
+    apps_rm.add_argument("app")
+    for sub in (app_set, apps_ls, apps_rm):
+        _etcd_flags(sub)
+
+    status = commands.add_parser("status", help="apps, releases, instances and routers")
+    status.add_argument("app", nargs="?")
+    _etcd_flags(status)
+    return parser
+
+
+# --------------------------------------------------------------- settings
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).resolve() if value else None
+
+
+def etcd_settings(args: argparse.Namespace) -> EtcdSettings:
+    prefix = args.prefix if args.prefix.startswith("/") else "/" + args.prefix
+    for flag in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(args, flag)
+        if path and not Path(path).is_file():
+            raise ConfigError("--" + flag.replace("_", "-"), f"{path} is not a readable file")
+    if bool(args.etcd_user) != bool(args.etcd_password):
+        raise ConfigError("--etcd-user", "user and password go together")
+    return EtcdSettings(
+        endpoints=parse_endpoints("--etcd", args.etcd),
+        prefix=prefix.rstrip("/") or "/",
+        ca=_path(args.etcd_ca),
+        cert=_path(args.etcd_cert),
+        key=_path(args.etcd_key),
+        user=args.etcd_user,
+        password=args.etcd_password,
+    )
+
+
+def nginx_settings(args: argparse.Namespace, conf: Path) -> NginxSettings:
+    for flag in ("http_listen", "https_listen", "status_listen"):
+        parse_listen("--" + flag.replace("_", "-"), getattr(args, flag))
+    templates = Path(args.templates).resolve()
+    for name in ("nginx.conf.j2", "app.conf.j2"):
+        if not (templates / name).is_file():
+            raise ConfigError("--templates", f"{templates} has no {name}")
+    if APP_NAME.fullmatch(args.pool) is None:
+        raise ConfigError("--pool", f"{args.pool!r} must match {APP_NAME.pattern}")
+    runtime = _path(args.runtime_dir) or conf.parent
+    supervise = getattr(args, "supervise", False)
+    pid_file = _path(args.nginx_pid_file)
+    return NginxSettings(
+        conf=conf,
+        runtime_dir=runtime,
+        binary=args.nginx_bin,
+        supervise=supervise,
+        pid_file=pid_file,
+        http_listen=args.http_listen,
+        https_listen=args.https_listen,
+        status_listen=args.status_listen,
+        templates=templates,
+        reload_timeout=getattr(args, "reload_timeout", 15.0),
+        keep_failed=getattr(args, "keep_failed", 5),
+    )
+
+
+def run_settings(args: argparse.Namespace) -> Settings:
+    conf = Path(args.nginx_conf).resolve()
+    if not conf.parent.is_dir():
+        raise ConfigError("--nginx-conf", f"folder {conf.parent} does not exist")
+    if args.supervise == bool(args.nginx_pid_file):
+        raise ConfigError("--supervise", "give exactly one of --supervise or --nginx-pid-file")
+    if args.dynamic_backends == "on":
+        raise ConfigError(
+            "--dynamic-backends", "'on' is not available in this version; use auto or off"
+        )
+    parse_listen("--metrics-listen", args.metrics_listen)
+    for flag in (
+        "debounce_min",
+        "debounce_max",
+        "resync_interval",
+        "stale_after",
+        "reload_timeout",
+    ):
+        if getattr(args, flag) <= 0 and flag != "debounce_min":
+            raise ConfigError("--" + flag.replace("_", "-"), "must be positive")
+    return Settings(
+        etcd=etcd_settings(args),
+        nginx=nginx_settings(args, conf),
+        pool=args.pool,
+        router_id=args.router_id,
+        dynamic_backends=args.dynamic_backends,
+        metrics_listen=args.metrics_listen,
+        allow_shrink=args.allow_shrink,
+        debounce_min=args.debounce_min,
+        debounce_max=args.debounce_max,
+        resync_interval=args.resync_interval,
+        stale_after=args.stale_after,
+    )
+
+
+# --------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from routerd.daemon import Daemon
+
+    settings = run_settings(args)
+
+    async def main() -> None:
+        daemon = Daemon(settings)
+        task = asyncio.create_task(daemon.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with _suppress_cancel():
+            await task
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+class _suppress_cancel:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, *_: Any) -> bool:
+        return kind is asyncio.CancelledError
+
+
+async def _with_store(
+    args: argparse.Namespace, work: Callable[[Store], Coroutine[Any, Any, int]]
+) -> int:
+    store = Store(etcd_settings(args))
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    conf = Path(args.nginx_conf).resolve() if args.nginx_conf else None
+    if args.diff and conf is None:
+        raise ConfigError("--diff", "needs --nginx-conf to compare against")
+    workdir = Path(tempfile.mkdtemp(prefix="routerd-render-"))
+    ns = nginx_settings(args, workdir / "nginx.conf")
+    if ns.runtime_dir == (conf.parent if conf else None):
+        ns = nginx_settings(args, workdir / "nginx.conf")  # never write beside the live file
+    from dataclasses import replace
+
+    from routerd.daemon import layout_of
+
+    ns = replace(
+        ns,
+        runtime_dir=workdir,
+        pid_file=ns.pid_file or (conf.parent if conf else workdir) / "nginx.pid",
+    )
+
+    async def work(store: Store) -> int:
+        snapshot = await store.snapshot()
+        table = Loader(prefix=store.settings.prefix, pool=args.pool).load(snapshot)
+        settings = Settings(etcd=store.settings, nginx=ns, pool=args.pool)
+        rendered = Renderer(ns.templates, layout_of(settings)).render(table)
+        for error in table.errors:
+            print(f"routerd: rejected {error.key}: {error.error}", file=sys.stderr)
+        _validate_in(workdir, rendered, args.nginx_bin)
+        if args.diff:
+            assert conf is not None
+            old = conf.read_text() if conf.exists() else ""
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    old.splitlines(True), rendered.main.splitlines(True), str(conf), "candidate"
+                )
+            )
+        else:
+            sys.stdout.write(rendered.main)
+            for rel, text in sorted(rendered.shards.items()):
+                sys.stdout.write(f"\n# ---- {rel}\n{text}")
+        print(
+            f"routerd: valid; revision {snapshot.revision}, {len(table.apps)} apps, "
+            f"generation {rendered.sha256[:12]}",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+
+    try:
+        return asyncio.run(_with_store(args, work))
+    finally:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _validate_in(workdir: Path, rendered: Any, nginx_bin: str) -> None:
+    from routerd.nginx import Installer
+
+    installer = Installer(workdir / "nginx.conf")
+    installer.write_files(rendered)
+    staged = installer.stage(rendered)
+    for rel in rendered.shards:
+        validate.check_app_file(workdir / rel)
+    validate.check_main_file(staged, list(rendered.shards))
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (workdir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+    validate.nginx_test(nginx_bin, staged, workdir)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    if not sep or name not in OPTION_PARSERS:
+        raise ConfigError(
+            "--option", f"{text!r} must be K=V with K one of {', '.join(OPTION_PARSERS)}"
+        )
+    if name == "allow":
+        return name, [item for item in raw.split(",") if item]
+    try:
+        return name, json.loads(raw)
+    except ValueError:
+        return name, raw
+
+
+def cmd_apps(args: argparse.Namespace) -> int:
+    if args.apps_command != "ls" and APP_NAME.fullmatch(args.app) is None:
+        raise ConfigError("app", f"{args.app!r} must match {APP_NAME.pattern}")
+
+    async def work(store: Store) -> int:
+        if args.apps_command == "set":
+            config = {
+                "domains": args.domain,
+                "pool": args.pool,
+                "options": dict(_parse_option(o) for o in args.option),
+            }
+            raw = json.dumps(config).encode()
+            key = f"{store.prefix}apps/{args.app}/config"
+            parse_app_config(key, raw)  # refuse before writing, with the same rules as the router
+            await store.put(f"apps/{args.app}/config", raw)
+            print(f"routerd: set {key}")
+        elif args.apps_command == "rm":
+            await store.delete_prefix(f"apps/{args.app}/")
+            print(f"routerd: removed {store.prefix}apps/{args.app}/")
+        else:
+            snapshot = await store.snapshot()
+            names = sorted(
+                {
+                    k.split("/")[1]
+                    for k in snapshot.kvs
+                    if k.startswith("apps/") and k.count("/") >= 2
+                }
+            )
+            for name in names:
+                raw = snapshot.kvs.get(f"apps/{name}/config")
+                print(f"{name}\t{raw.value.decode('utf-8', 'replace') if raw else '(no config)'}")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, work))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def work(store: Store) -> int:
+        snapshot = await store.snapshot()
+        print(f"revision {snapshot.revision}")
+        routers = {
+            k.split("/", 1)[1]: v for k, v in snapshot.kvs.items() if k.startswith("routers/")
+        }
+        print(f"routers ({len(routers)}):")
+        for router_id, kv in sorted(routers.items()):
+            try:
+                status = json.loads(kv.value)
+                print(
+                    f"  {router_id}\tpool={status.get('pool')} revision={status.get('revision')} "
+                    f"apps={status.get('apps')} config={str(status.get('config_sha256'))[:12]} "
+                    f"applied_at={status.get('applied_at')} errors={len(status.get('errors', []))}"
+                )
+                for error in status.get("errors", []):
+                    if args.app is None or f"/apps/{args.app}/" in error.get("key", ""):
+                        print(f"    error {error.get('key')}: {error.get('error')}")
+            except (ValueError, AttributeError):
+                print(f"  {router_id}\t(unreadable status)")
+        apps = sorted(
+            {k.split("/")[1] for k in snapshot.kvs if k.startswith("apps/") and k.count("/") >= 2}
+        )
+        for name in apps if args.app is None else [args.app]:
+            _print_app(snapshot, store.prefix, name)
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, work))
+
+
+def _print_app(snapshot: Any, prefix: str, name: str) -> None:
+    active = snapshot.kvs.get(f"apps/{name}/active")
+    print(
+        f"app {name}"
+        + (f" (active release {active.value.decode('utf-8', 'replace')})" if active else "")
+    )
+    base = f"apps/{name}/releases/"
+    for key in sorted(k for k in snapshot.kvs if k.startswith(base)):
+        release, _, instance = key[len(base) :].partition("/")
+        print(f"  {release}/{instance}\t{snapshot.kvs[key].value.decode('utf-8', 'replace')}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "render": cmd_render,
+    "apps": cmd_apps,
+    "status": cmd_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"routerd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValidationError, RenderError) as exc:
+        print(f"routerd: invalid: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except RouterdError as exc:
+        print(f"routerd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

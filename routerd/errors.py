@@ -1,0 +1,48 @@
+"""The error tree. Every error carries what a person needs to find the fault:
+the etcd key, the file and line, or the flag. Third-party errors are chained
+with ``from`` so the cause is never lost."""
+
+from __future__ import annotations
+
+
+class RouterdError(Exception):
+    """Base of every error routerd raises on purpose."""
+
+
+class ConfigError(RouterdError):
+    """A flag, environment variable or file given to routerd is wrong."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+class InvalidValue(RouterdError):
+    """A value read from etcd failed validation; ``key`` names it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class RenderError(RouterdError):
+    """A template failed to render (syntax, undefined name, unsafe value)."""
+
+
+class ValidationError(RouterdError):
+    """A candidate config was refused by crossplane or ``nginx -t``."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
+        where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
+        super().__init__(f"{where}{message}")
+        self.file = file
+        self.line = line
+
+
+class ReloadError(RouterdError):
+    """nginx did not take the new config (signal failed or generation not confirmed)."""
+
+
+class StoreError(RouterdError):
+    """etcd could not be reached or answered with an error."""

@@ -1,0 +1,170 @@
+"""Jinja environment, the one quoting filter, and the nginx layout.
+
+The layout keeps a change cheap: apps are spread over SHARDS include files
+by a hash of their name, and every file is named by its content hash, so
+``nginx.conf`` is a small manifest of which files make up one generation.
+A change to one app rewrites and re-parses one shard, installing is one
+atomic rename of the manifest, and the previous generation's files stay on
+disk until the new one is confirmed. Does not write files or run nginx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from routerd.errors import RenderError
+from routerd.model import App, Cert, Options, RoutingTable
+
+SHARDS = 256
+MAIN_TEMPLATE = "nginx.conf.j2"
+APP_TEMPLATE = "app.conf.j2"
+APPS_DIR = "routerd/apps"
+CERTS_DIR = "routerd/certs"
+# Everything a validated value may contain; none of it means anything to
+# nginx's tokenizer, so such a value can stand unquoted in any directive.
+SAFE = re.compile(r"[A-Za-z0-9._:/*\[\]-]+")
+
+
+def q(value: Any) -> str:
+    """The one filter between etcd data and nginx.conf: refuse, never escape."""
+    text = str(value)
+    if isinstance(value, bool) or SAFE.fullmatch(text) is None:
+        raise RenderError(f"refusing to render unsafe value {text!r}")
+    return text
+
+
+def upstream_name(app: App) -> str:
+    # nginx finds an upstream by scanning every declared one with strncasecmp;
+    # a hash prefix makes names differ at their first byte, which halves
+    # `nginx -t` at 10,000 apps.
+    return f"{zlib.crc32(app.name.encode()):08x}-{app.name}"
+
+
+def cert_path(cert: Cert) -> str:
+    return f"{CERTS_DIR}/{cert.sha256[:32]}.pem"
+
+
+def shard_of(name: str) -> int:
+    return zlib.crc32(name.encode()) % SHARDS
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One generation: the manifest, the shard files and the cert files it names."""
+
+    main: str
+    sha256: str
+    apps: int
+    shards: dict[str, str]
+    certs: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the main template needs from the flags."""
+
+    http_listen: str
+    https_listen: str
+    status_listen: str
+    runtime_dir: str
+    pid_file: str
+
+
+class Renderer:
+    """Renders RoutingTables; remembers each app's text so that unchanged
+    apps are not rendered again."""
+
+    def __init__(self, templates: Path, layout: Layout) -> None:
+        self.templates = templates
+        self.layout = layout
+        self._env = self._environment()
+        self._app_text: dict[str, tuple[App, str]] = {}
+
+    def _environment(self) -> jinja2.Environment:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(self.templates)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+        env.filters.update(q=q, upstream_name=upstream_name, cert_path=cert_path)
+        return env
+
+    def reload_templates(self) -> None:
+        """Templates changed on disk: start from a fresh environment and cache."""
+        self._env = self._environment()
+        self._app_text.clear()
+
+    def render(self, table: RoutingTable) -> Rendered:
+        shards = self._render_shards(table.apps)
+        certs = {cert_path(c): c.pem for app in table.apps for c in app.tls}
+        context = self._main_context(table, sorted(shards))
+        body = self._render_template(MAIN_TEMPLATE, generation="0" * 64, **context)
+        generation = sha256(body)
+        main = self._render_template(MAIN_TEMPLATE, generation=generation, **context)
+        return Rendered(main, generation, len(table.apps), shards, certs)
+
+    def _render_shards(self, apps: tuple[App, ...]) -> dict[str, str]:
+        groups: dict[int, list[str]] = {}
+        for app in apps:
+            groups.setdefault(shard_of(app.name), []).append(self._render_app(app))
+        shards = {}
+        for shard, texts in groups.items():
+            text = "".join(texts)
+            shards[f"{APPS_DIR}/{shard:02x}-{sha256(text)[:20]}.conf"] = text
+        return shards
+
+    def _render_app(self, app: App) -> str:
+        cached = self._app_text.get(app.name)
+        if cached is not None and cached[0] == app:
+            return cached[1]
+        text = self._render_template(APP_TEMPLATE, app=app, defaults=Options(), **self._listens())
+        self._app_text[app.name] = (app, text)
+        return text
+
+    def _listens(self) -> dict[str, str]:
+        return {
+            "http_listen": self.layout.http_listen,
+            "https_listen": self.layout.https_listen,
+        }
+
+    def _main_context(self, table: RoutingTable, includes: list[str]) -> dict[str, Any]:
+        longest = max((len(d) for a in table.apps for d in a.domains), default=0)
+        return {
+            "includes": includes,
+            "layout": self.layout,
+            "tls": any(app.tls for app in table.apps),
+            "apps": len(table.apps),
+            "server_names_hash_bucket_size": _bucket_size(longest),
+            "server_names_hash_max_size": max(512, 4 * sum(len(a.domains) for a in table.apps)),
+        }
+
+    def _render_template(self, name: str, **context: Any) -> str:
+        try:
+            return self._env.get_template(name).render(**context)
+        except RenderError:
+            raise
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(f"{exc.filename}:{exc.lineno}: {exc.message}") from exc
+        except jinja2.TemplateError as exc:
+            raise RenderError(f"{self.templates / name}: {exc}") from exc
+
+
+def _bucket_size(longest_name: int) -> int:
+    size = 64
+    while size < longest_name + 32:
+        size *= 2
+    return size

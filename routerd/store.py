@@ -1,0 +1,258 @@
+"""etcd: a snapshot at one revision, a watch from a revision, small writes.
+
+Wraps aetcd (asyncio, gRPC). Adds what the daemon needs and aetcd lacks:
+TLS channels, several endpoints tried in turn, the gRPC keepalive and
+reconnect options measured in FACTS.md (a frozen etcd is noticed in about
+5 s; catch-up after a restart takes well under a second), and errors mapped
+onto routerd's own. Knows nothing of apps: keys come out relative to the
+prefix for the model to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import grpc
+from aetcd import rpc, watcher
+
+from routerd.errors import StoreError
+from routerd.model import KeyValue, Snapshot
+from routerd.settings import EtcdSettings
+
+logger = logging.getLogger("routerd.store")
+
+GRPC_OPTIONS = {
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 5000,
+    "grpc.http2.ping_timeout_ms": 5000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 1000,
+}
+
+
+class Compacted(StoreError):
+    """The revision to resume from was compacted: take a new snapshot."""
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str  # relative to the prefix
+    kv: KeyValue | None  # None for a delete
+    revision: int
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with TLS: its connect() only builds insecure channels."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._credentials is None:
+            return await super().connect()
+        if self._connected.is_set():
+            return None
+        target = f"{self._host}:{self._port}"
+        self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
+        if self._username is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+            try:
+                response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+            except rpc.AioRpcError as exc:
+                aetcd.exceptions._handle_exception(exc)
+            self.metadata = (("token", response.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+        return None
+
+
+def _credentials(settings: EtcdSettings) -> grpc.ChannelCredentials | None:
+    if not settings.tls:
+        return None
+    read = lambda path: path.read_bytes() if path else None  # noqa: E731
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(settings.ca),
+        private_key=read(settings.key),
+        certificate_chain=read(settings.cert),
+    )
+
+
+class Store:
+    """One etcd session over the configured endpoints, failing over in turn."""
+
+    def __init__(self, settings: EtcdSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix.rstrip("/") + "/"
+        self.last_heard = time.monotonic()
+        self._credentials = _credentials(settings)
+        self._endpoint = 0
+        self._client: _Client | None = None
+
+    # -- connection
+
+    def _new_client(self) -> _Client:
+        endpoint = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
+        return _Client(
+            host=endpoint.host,
+            port=endpoint.port,
+            username=self.settings.user,
+            password=self.settings.password,
+            timeout=self.settings.timeout,
+            options=dict(GRPC_OPTIONS),
+            credentials=self._credentials,
+        )
+
+    @property
+    def client(self) -> _Client:
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    async def fail_over(self) -> None:
+        """Drop the channel and move to the next endpoint."""
+        await self.close()
+        self._endpoint += 1
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.close()
+            except Exception:  # a broken channel may fail to close; it is dropped anyway
+                logger.debug("closing the etcd client failed", exc_info=True)
+
+    def heard(self) -> None:
+        self.last_heard = time.monotonic()
+
+    def key(self, rel: str) -> bytes:
+        return (self.prefix + rel).encode()
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            result = await coro
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise Compacted(f"{what}: revision compacted at {exc.compacted_revision}") from exc
+        except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as exc:
+            await self.fail_over()
+            raise StoreError(f"etcd {what} failed: {exc or type(exc).__name__}") from exc
+        self.heard()
+        return result
+
+    # -- reads
+
+    async def snapshot(self) -> Snapshot:
+        """Every key under the prefix, at the revision of the range response."""
+        result = await self._call("read", self.client.get_prefix(self.prefix.encode()))
+        kvs = {
+            kv.key.decode("utf-8", "replace")[len(self.prefix) :]: KeyValue(
+                kv.value, kv.create_revision, kv.mod_revision
+            )
+            for kv in result.kvs
+        }
+        return Snapshot(result.header.revision, kvs)
+
+    async def get(self, rel: str) -> bytes | None:
+        result = await self._call("get", self.client.get(self.key(rel)))
+        return None if result is None else bytes(result.value)
+
+    async def watch(self, start_revision: int) -> AsyncIterator[Event]:
+        """Events under the prefix from ``start_revision`` on, until the stream breaks."""
+        watch = await self._call(
+            "watch", self.client.watch_prefix(self.prefix.encode(), start_revision=start_revision)
+        )
+        try:
+            iterator = watch.__aiter__()
+            while True:
+                event = await self._call("watch", iterator.__anext__())
+                yield _event(self.prefix, event)
+        except StopAsyncIteration:
+            raise StoreError("etcd watch ended") from None
+        finally:
+            try:
+                await watch.cancel()
+            except Exception:  # the stream may already be gone
+                logger.debug("cancelling the watch failed", exc_info=True)
+
+    # -- writes
+
+    async def put(self, rel: str, value: bytes, lease: Any = None) -> None:
+        await self._call("put", self.client.put(self.key(rel), value, lease=lease))
+
+    async def delete(self, rel: str) -> bool:
+        result = await self._call("delete", self.client.delete(self.key(rel)))
+        return result is not None
+
+    async def delete_prefix(self, rel: str) -> None:
+        await self._call("delete", self.client.delete_prefix(self.key(rel)))
+
+    async def lease(self, ttl: int) -> Any:
+        return await self._call("lease", self.client.lease(ttl))
+
+    async def refresh(self, lease: Any) -> int:
+        """Refresh a lease; its remaining TTL, 0 when it had already expired."""
+        reply = await self._call("lease refresh", lease.refresh())
+        return int(reply.TTL) if reply is not None else 0
+
+
+def _event(prefix: str, event: Any) -> Event:
+    key = event.kv.key.decode("utf-8", "replace")[len(prefix) :]
+    revision = event.kv.mod_revision
+    if event.kind == aetcd.rtypes.EventKind.DELETE:
+        return Event(key, None, revision)
+    return Event(key, KeyValue(event.kv.value, event.kv.create_revision, revision), revision)
+
+
+class Mirror:
+    """The routing keys as last seen: a snapshot kept current by watch events.
+
+    Only ``apps/`` and ``certs/`` are routing input; ``routers/`` (where this
+    router writes its own status) and ``hosts/`` are left out, so a status
+    write never comes back as a change.
+    """
+
+    ROUTING_KEYS = ("apps/", "certs/")
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.kvs: dict[str, KeyValue] = {}
+
+    def reset(self, snapshot: Snapshot) -> bool:
+        """Take a fresh snapshot; True when it differs from what was mirrored."""
+        kvs = {k: v for k, v in snapshot.kvs.items() if k.startswith(self.ROUTING_KEYS)}
+        changed = kvs != self.kvs
+        self.kvs = kvs
+        self.revision = max(self.revision, snapshot.revision)
+        return changed
+
+    def apply(self, event: Event) -> bool:
+        """Apply one event; False when it is not routing input.
+
+        The watch always resumes at revision + 1, so no event is stale.
+        """
+        self.revision = max(self.revision, event.revision)
+        if not event.key.startswith(self.ROUTING_KEYS):
+            return False
+        if event.kv is None:
+            self.kvs.pop(event.key, None)
+        else:
+            self.kvs[event.key] = event.kv
+        return True
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.revision, dict(self.kvs))
