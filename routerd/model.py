@@ -148,6 +148,8 @@ def parse_domain(key: str, value: Any) -> str:
 
 def parse_cidr(key: str, value: Any) -> str:
     _expect(key, isinstance(value, str), f"allow entry {value!r} is not a string")
+    # ipaddress accepts an IPv6 scope id ("fe80::1%eth0") holding almost any byte
+    _expect(key, "%" not in value, f"allow entry {value!r} must not carry a scope id")
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError as exc:
@@ -214,6 +216,7 @@ def parse_app_config(key: str, raw: bytes) -> AppConfig:
 
 def parse_host(key: str, host: str) -> str:
     if host.startswith("[") and host.endswith("]"):
+        _expect(key, "%" not in host, f"host {host!r} must not carry a scope id")
         try:
             return f"[{ipaddress.IPv6Address(host[1:-1])}]"
         except ValueError as exc:
@@ -222,7 +225,8 @@ def parse_host(key: str, host: str) -> str:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
         pass
-    ok = len(host) <= 253 and DNS_HOST.fullmatch(host) is not None and not host.isdigit()
+    numeric_tld = host.rsplit(".", 1)[-1].isdigit()  # "010.0.0.1" is no name, nor an address
+    ok = len(host) <= 253 and DNS_HOST.fullmatch(host) is not None and not numeric_tld
     _expect(key, ok, f"host {host!r} is not an IPv4 address, [IPv6] or DNS name")
     return host.lower()
 

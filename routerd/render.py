@@ -110,6 +110,9 @@ class Renderer:
 
     def render(self, table: RoutingTable) -> Rendered:
         shards = self._render_shards(table.apps)
+        if len(self._app_text) > len(table.apps):
+            names = {app.name for app in table.apps}
+            self._app_text = {n: v for n, v in self._app_text.items() if n in names}
         certs = {cert_path(c): c.pem for app in table.apps for c in app.tls}
         context = self._main_context(table, sorted(shards))
         body = self._render_template(MAIN_TEMPLATE, generation="0" * 64, **context)
@@ -136,9 +139,11 @@ class Renderer:
         return text
 
     def _listens(self) -> dict[str, str]:
+        port = self.layout.https_listen.rpartition(":")[2]
         return {
             "http_listen": self.layout.http_listen,
             "https_listen": self.layout.https_listen,
+            "https_port": "" if port == "443" else f":{port}",
         }
 
     def _main_context(self, table: RoutingTable, includes: list[str]) -> dict[str, Any]:
