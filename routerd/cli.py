@@ -11,17 +11,21 @@ import asyncio
 import difflib
 import json
 import os
+import re
+import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from routerd import __version__, logs, validate
 from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
 from routerd.model import APP_NAME, OPTION_PARSERS, Loader, parse_app_config
-from routerd.render import Renderer
+from routerd.nginx import Installer, Nginx
+from routerd.render import Rendered, Renderer
 from routerd.settings import (
     PACKAGE_TEMPLATES,
     EtcdSettings,
@@ -35,6 +39,7 @@ from routerd.settings import (
 from routerd.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+INCLUDE = re.compile(r"^(\s*)include (routerd/apps/[^;]+\.conf);\n", re.MULTILINE)
 
 EPILOG = """\
 Every flag can also be set as ROUTERD_<FLAG> in the environment
@@ -333,70 +338,91 @@ async def _with_store(
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    conf = Path(args.nginx_conf).resolve() if args.nginx_conf else None
-    if args.diff and conf is None:
+    """Render what `run` would install, validate it in a scratch folder, print it."""
+    if args.diff and not args.nginx_conf:
         raise ConfigError("--diff", "needs --nginx-conf to compare against")
-    workdir = Path(tempfile.mkdtemp(prefix="routerd-render-"))
-    ns = nginx_settings(args, workdir / "nginx.conf")
-    if ns.runtime_dir == (conf.parent if conf else None):
-        ns = nginx_settings(args, workdir / "nginx.conf")  # never write beside the live file
-    from dataclasses import replace
+    conf = Path(args.nginx_conf or "nginx.conf").resolve()
+    live = nginx_settings(args, conf)
+    scratch = Path(tempfile.mkdtemp(prefix="routerd-render-"))
+    try:
+        check = replace(live, conf=scratch / "nginx.conf", runtime_dir=scratch, pid_file=None)
+        return asyncio.run(_with_store(args, lambda store: _render(args, store, live, check)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
+
+async def _render(
+    args: argparse.Namespace, store: Store, live: NginxSettings, check: NginxSettings
+) -> int:
     from routerd.daemon import layout_of
 
-    ns = replace(
-        ns,
-        runtime_dir=workdir,
-        pid_file=ns.pid_file or (conf.parent if conf else workdir) / "nginx.pid",
-    )
+    snapshot = await store.snapshot()
+    table = Loader(prefix=store.settings.prefix, pool=args.pool).load(snapshot)
+    for error in table.errors:
+        print(f"routerd: rejected {error.key}: {error.error}", file=sys.stderr)
 
-    async def work(store: Store) -> int:
-        snapshot = await store.snapshot()
-        table = Loader(prefix=store.settings.prefix, pool=args.pool).load(snapshot)
+    def render(ns: NginxSettings) -> Rendered:
         settings = Settings(etcd=store.settings, nginx=ns, pool=args.pool)
-        rendered = Renderer(ns.templates, layout_of(settings)).render(table)
-        for error in table.errors:
-            print(f"routerd: rejected {error.key}: {error.error}", file=sys.stderr)
-        _validate_in(workdir, rendered, args.nginx_bin)
-        if args.diff:
-            assert conf is not None
-            old = conf.read_text() if conf.exists() else ""
-            sys.stdout.writelines(
-                difflib.unified_diff(
-                    old.splitlines(True), rendered.main.splitlines(True), str(conf), "candidate"
-                )
+        return Renderer(ns.templates, layout_of(settings)).render(table)
+
+    candidate = render(live)
+    _validate_scratch(render(check), check)
+    text = expand(candidate.main, candidate.shards)
+    if args.diff:
+        installed = expand_installed(live.conf)
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                installed.splitlines(True), text.splitlines(True), str(live.conf), "candidate"
             )
-        else:
-            sys.stdout.write(rendered.main)
-            for rel, text in sorted(rendered.shards.items()):
-                sys.stdout.write(f"\n# ---- {rel}\n{text}")
-        print(
-            f"routerd: valid; revision {snapshot.revision}, {len(table.apps)} apps, "
-            f"generation {rendered.sha256[:12]}",
-            file=sys.stderr,
         )
-        return EXIT_OK
+    else:
+        sys.stdout.write(text)
+    print(
+        f"routerd: valid: revision {snapshot.revision}, {len(table.apps)} apps, "
+        f"generation {candidate.sha256[:12]}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
-    try:
-        return asyncio.run(_with_store(args, work))
-    finally:
-        import shutil
 
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _validate_in(workdir: Path, rendered: Any, nginx_bin: str) -> None:
-    from routerd.nginx import Installer
-
-    installer = Installer(workdir / "nginx.conf")
+def _validate_scratch(rendered: Rendered, ns: NginxSettings) -> None:
+    installer = Installer(ns.conf)
     installer.write_files(rendered)
     staged = installer.stage(rendered)
     for rel in rendered.shards:
-        validate.check_app_file(workdir / rel)
+        validate.check_app_file(ns.conf.parent / rel)
     validate.check_main_file(staged, list(rendered.shards))
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (workdir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
-    validate.nginx_test(nginx_bin, staged, workdir)
+    Nginx(
+        binary=ns.binary,
+        conf=ns.conf,
+        runtime_dir=ns.runtime_dir,
+        status_listen=ns.status_listen,
+        supervise=True,
+        pid_file=ns.runtime_dir / "nginx.pid",
+    ).prepare_runtime()
+    validate.nginx_test(ns.binary, staged, ns.runtime_dir)
+
+
+def expand(main: str, files: dict[str, str]) -> str:
+    """The main file with each include line replaced by the file it names."""
+
+    def inline(match: re.Match[str]) -> str:
+        body = files.get(match.group(2))
+        return match.group(0) if body is None else f"{match.group(1)}# {match.group(2)}\n{body}"
+
+    return INCLUDE.sub(inline, main)
+
+
+def expand_installed(conf: Path) -> str:
+    if not conf.exists():
+        return ""
+    main = conf.read_text()
+    files = {}
+    for match in INCLUDE.finditer(main):
+        path = conf.parent / match.group(2)
+        if path.is_file():
+            files[match.group(2)] = path.read_text()
+    return expand(main, files)
 
 
 def _parse_option(text: str) -> tuple[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 
 from routerd import validate
 from routerd.debounce import Debouncer
-from routerd.errors import ReloadError, RenderError, StoreError, ValidationError
+from routerd.errors import NginxNotRunning, ReloadError, RenderError, StoreError, ValidationError
 from routerd.logs import log
 from routerd.metrics import HealthServer, Metrics
 from routerd.model import Loader, Rejection, RoutingTable, Snapshot
@@ -83,6 +83,7 @@ class Router:
             pid_file=Path(layout_of(settings).pid_file),
         )
         self.nginx.prepare_runtime()
+        self.installer.remove_stale_temporaries()
         self.served = self.installer.installed_generation()
         self.served_apps: set[str] | None = None  # unknown until the first apply
         self._checked: set[str] = set()  # shard files crossplane already passed
@@ -92,18 +93,20 @@ class Router:
 
     async def apply(self, snapshot: Snapshot) -> tuple[RoutingTable, Result]:
         started = time.monotonic()
-        table = self.loader.load(snapshot)
+        table = await asyncio.to_thread(self.loader.load, snapshot)
         try:
             rendered = await asyncio.to_thread(self.renderer.render, table)
         except RenderError as exc:
-            return table, self._reject(table, str(self.settings.nginx.templates), str(exc))
+            return table, Result(
+                Outcome.REJECTED, Rejection(str(self.settings.nginx.templates), str(exc))
+            )
         self.metrics.render_seconds.observe(time.monotonic() - started)
         if rendered.sha256 == self.served:
             self.served_apps = {a.name for a in table.apps}
             return table, Result(Outcome.UNCHANGED)
         if (shrink := self._shrink_error(table)) is not None:
             return table, self._hold(table, shrink)
-        if rendered.sha256 in self._refused:
+        if rendered.sha256 in self._refused:  # the same bad candidate again: no disk churn
             return table, Result(Outcome.REJECTED, self._error(self._refused[rendered.sha256]))
         return table, await self._install(table, rendered, started)
 
@@ -114,12 +117,15 @@ class Router:
             await self._validate(staged, rendered)
         except ValidationError as exc:
             folder = self.installer.keep_failed_candidate(staged, new_files, str(exc))
-            self._refused[rendered.sha256] = f"{exc} (candidate kept in {folder})"
-            return self._reject(table, str(folder), self._refused[rendered.sha256])
+            return self._refuse(rendered, f"{exc} (candidate kept in {folder})")
         offset = self.nginx.error_log_offset()
         self.installer.install(staged)
         try:
             await self._reload(rendered.sha256, offset)
+        except NginxNotRunning as exc:
+            # Sidecar mode before its nginx started: the valid file waits for it.
+            log(logger, "installed; nginx not running", logging.WARNING, error=str(exc))
+            return Result(Outcome.REJECTED, self._error(f"installed, not live: {exc}"))
         except ReloadError as exc:
             return await self._roll_back(table, rendered, new_files, exc)
         self.served, self.served_apps = rendered.sha256, {a.name for a in table.apps}
@@ -183,8 +189,8 @@ class Router:
                 )
             except ReloadError as again:
                 reason += f"; reloading the previous config failed too: {again}"
-        self._refused[rendered.sha256] = reason
         log(logger, "rolled back", logging.ERROR, revision=table.revision, error=str(exc))
+        self._refuse(rendered, reason)
         return Result(Outcome.ROLLED_BACK, self._error(reason))
 
     # -- refusals
@@ -212,12 +218,14 @@ class Router:
     def _error(self, message: str) -> Rejection:
         return Rejection(str(self.settings.nginx.conf), message)
 
-    def _reject(self, table: RoutingTable, where: str, message: str) -> Result:
-        log(logger, "rejected", logging.ERROR, revision=table.revision, file=where, error=message)
-        return Result(Outcome.REJECTED, self._error(message))
+    def _refuse(self, rendered: Rendered, reason: str) -> Result:
+        """Remember a refused candidate (the last few) so it is not tried again."""
+        self._refused[rendered.sha256] = reason
+        while len(self._refused) > 16:
+            del self._refused[next(iter(self._refused))]
+        return Result(Outcome.REJECTED, self._error(reason))
 
     def _hold(self, table: RoutingTable, message: str) -> Result:
-        log(logger, "held", logging.WARNING, revision=table.revision, error=message)
         return Result(
             Outcome.HELD, Rejection(self.settings.etcd.prefix.rstrip("/") + "/apps/", message)
         )
@@ -383,7 +391,7 @@ class Daemon:
             return
         self.metrics.applies.labels(outcome=result.outcome.value).inc()
         errors = list(table.errors) + ([result.error] if result.error else [])
-        self._count_rejections(errors)
+        self._count_rejections(snapshot.revision, errors)
         if result.outcome in (Outcome.RELOADED, Outcome.UNCHANGED) and self.router.served:
             self.ready = True
             self.metrics.set_config(self.router.served)
@@ -400,19 +408,31 @@ class Daemon:
             }
         )
 
-    def _count_rejections(self, errors: list[Rejection]) -> None:
+    def _count_rejections(self, revision: int, errors: list[Rejection]) -> None:
         current = set(errors)
         for new in current - self._seen_errors:
-            log(logger, "rejected", logging.WARNING, key=new.key, error=new.error)
+            log(
+                logger, "rejected", logging.WARNING, revision=revision, key=new.key, error=new.error
+            )
             self.metrics.rejections.inc()
         self._seen_errors = current
         self.metrics.rejected_keys.set(len(current))
 
     async def _watch_nginx(self) -> None:
-        """--supervise: restart a master that died, with the installed config."""
+        """Every second: restart a supervised master that died, and adopt what
+        nginx serves when it is the installed file (a sidecar's nginx that
+        started after routerd, or restarted)."""
+        nginx, installer = self.router.nginx, self.router.installer
         while True:
             await asyncio.sleep(1.0)
-            code = self.router.nginx.exited()
-            if code is not None and self.settings.nginx.conf.exists():
+            code = nginx.exited()
+            if code is not None and installer.conf.exists():
                 log(logger, "nginx exited; restarting", logging.ERROR, code=code)
-                self.router.nginx.start()
+                nginx.start()
+            live = await nginx.serving()
+            adopt = live is not None and live != self.router.served
+            if adopt and live == installer.installed_generation():
+                log(logger, "nginx serves the installed config", sha256=live[:12])
+                self.router.served = live
+                self.changed()
+            self.ready = live is not None and live == self.router.served

@@ -44,5 +44,26 @@ class ReloadError(RouterdError):
     """nginx did not take the new config (signal failed or generation not confirmed)."""
 
 
+class NginxNotRunning(ReloadError):
+    """Sidecar mode: no nginx master yet. The valid file stays for its start."""
+
+
 class StoreError(RouterdError):
     """etcd could not be reached or answered with an error."""
+
+
+class ContainerError(RouterdError):
+    """The container runtime failed: an image is missing, a container died or never got healthy."""
+
+
+class DeployError(RouterdError):
+    """A deploy could not go on; the controller rolls back what it did."""
+
+
+class LockHeld(DeployError):
+    """Another controller is deploying the same app; ``holder`` says who."""
+
+    def __init__(self, app: str, holder: str) -> None:
+        super().__init__(f"a deploy of {app} is already running: {holder}")
+        self.app = app
+        self.holder = holder

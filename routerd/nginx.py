@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from routerd.errors import ReloadError
+from routerd.errors import NginxNotRunning, ReloadError
 from routerd.render import APPS_DIR, CERTS_DIR, Rendered
 
 GENERATION = re.compile(rb'return 200 "([0-9a-f]{64})";')
@@ -61,6 +61,12 @@ class Installer:
         for sub in (APPS_DIR, CERTS_DIR):
             (conf.parent / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(conf.parent / CERTS_DIR, 0o700)
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of a routerd killed mid-write; never the live files."""
+        for folder in (self.conf.parent, self.conf.parent / APPS_DIR, self.conf.parent / CERTS_DIR):
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
 
     def installed(self) -> bytes | None:
         try:
@@ -214,9 +220,9 @@ class Nginx:
             pid = int(self.pid_file.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError) as exc:
-            raise ReloadError(f"no nginx master from pid file {self.pid_file}: {exc}") from exc
+            raise NginxNotRunning(f"no nginx master from pid file {self.pid_file}: {exc}") from exc
         if not cmdline.startswith(b"nginx: master"):
-            raise ReloadError(f"pid {pid} from {self.pid_file} is not an nginx master")
+            raise NginxNotRunning(f"pid {pid} from {self.pid_file} is not an nginx master")
         return pid
 
     def error_log_offset(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,29 @@ GRPC_OPTIONS = {
 
 class Compacted(StoreError):
     """The revision to resume from was compacted: take a new snapshot."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """A transaction condition on one key: its value, its mod revision, or (both
+    None) that it does not exist."""
+
+    key: str
+    value: bytes | None = None
+    mod_revision: int | None = None
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0  # a lease id; 0 for none
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    prefix: bool = False  # every key under ``key``
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,17 @@ class Store:
         }
         return Snapshot(result.header.revision, kvs)
 
+    async def range(self, rel: str) -> Snapshot:
+        """The keys under ``rel`` (relative to the prefix), at the range's revision."""
+        result = await self._call("read", self.client.get_prefix(self.key(rel)))
+        kvs = {
+            kv.key.decode("utf-8", "replace")[len(self.prefix) :]: KeyValue(
+                kv.value, kv.create_revision, kv.mod_revision
+            )
+            for kv in result.kvs
+        }
+        return Snapshot(result.header.revision, kvs)
+
     async def get(self, rel: str) -> bytes | None:
         result = await self._call("get", self.client.get(self.key(rel)))
         return None if result is None else bytes(result.value)
@@ -201,6 +235,43 @@ class Store:
     async def delete_prefix(self, rel: str) -> None:
         await self._call("delete", self.client.delete_prefix(self.key(rel)))
 
+    async def transaction(self, checks: Sequence[Check], ops: Sequence[Put | Delete]) -> int | None:
+        """Apply ``ops`` atomically if every check holds: the new revision, else None.
+
+        Built on the gRPC request directly: aetcd's ``transaction()`` drops
+        the response header, and with it the revision a waiter needs.
+        """
+        request = rpc.TxnRequest(
+            compare=[self._compare(c) for c in checks], success=[self._op(o) for o in ops]
+        )
+
+        async def txn() -> Any:
+            await self.client.connect()
+            return await self.client.kvstub.Txn(
+                request, timeout=self.settings.timeout, metadata=self.client.metadata
+            )
+
+        reply = await self._call("transaction", txn())
+        return int(reply.header.revision) if reply.succeeded else None
+
+    def _compare(self, check: Check) -> Any:
+        compare = rpc.Compare(key=self.key(check.key), result=rpc.Compare.EQUAL)
+        if check.value is not None:
+            compare.target, compare.value = rpc.Compare.VALUE, check.value
+        elif check.mod_revision is not None:
+            compare.target, compare.mod_revision = rpc.Compare.MOD, check.mod_revision
+        else:
+            compare.target, compare.create_revision = rpc.Compare.CREATE, 0
+        return compare
+
+    def _op(self, op: Put | Delete) -> Any:
+        if isinstance(op, Put):
+            put = rpc.PutRequest(key=self.key(op.key), value=op.value, lease=op.lease)
+            return rpc.RequestOp(request_put=put)
+        key = self.key(op.key)
+        delete = rpc.DeleteRangeRequest(key=key, range_end=_prefix_end(key) if op.prefix else b"")
+        return rpc.RequestOp(request_delete_range=delete)
+
     async def lease(self, ttl: int) -> Any:
         return await self._call("lease", self.client.lease(ttl))
 
@@ -208,6 +279,20 @@ class Store:
         """Refresh a lease; its remaining TTL, 0 when it had already expired."""
         reply = await self._call("lease refresh", lease.refresh())
         return int(reply.TTL) if reply is not None else 0
+
+    async def revoke(self, lease: Any) -> None:
+        await self._call("lease revoke", lease.revoke())
+
+
+def _prefix_end(key: bytes) -> bytes:
+    """The range end that covers every key starting with ``key``."""
+    end = bytearray(key)
+    while end and end[-1] == 0xFF:
+        end.pop()
+    if not end:
+        return b"\0"
+    end[-1] += 1
+    return bytes(end)
 
 
 def _event(prefix: str, event: Any) -> Event:

@@ -1,0 +1,220 @@
+"""What the deploy controller keeps in etcd beside the routing keys.
+
+- ``apps/<app>/history/<release>``: how a release was made (image, env,
+  replicas, port, network, health path), when it was created and when it
+  first took traffic, so ``routerd rollback`` can make it again.
+- ``apps/<app>/lock``: one deploy per app, held on a lease, so the lock of a
+  controller that crashed expires by itself; its value says who holds it.
+
+Routers ignore both (only ``config``, ``active`` and ``releases/`` are
+routing input), so writing them never changes nginx.conf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from routerd.errors import DeployError, LockHeld, StoreError
+from routerd.logs import log
+from routerd.model import RELEASE_NAME, Snapshot
+from routerd.store import Check, Delete, Put, Store
+
+logger = logging.getLogger("routerd.releases")
+HISTORY_KEPT = 20
+
+
+def app_key(app: str, *parts: str) -> str:
+    return "/".join(("apps", app, *parts))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new_release_name() -> str:
+    return f"r{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+# ---------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """Everything needed to start a release's containers again."""
+
+    image: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    replicas: int = 1
+    port: int = 5000
+    network: str = "bridge"
+    health_path: str = "/"
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    spec: ReleaseSpec
+    created: str
+    activated: str | None = None  # when it first took traffic
+    rollback_of: str | None = None
+
+    def to_json(self) -> bytes:
+        data = {k: v for k, v in asdict(self.spec).items()}
+        data.update(created=self.created, activated=self.activated, rollback_of=self.rollback_of)
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes) -> Release:
+        try:
+            data = json.loads(raw)
+            spec = ReleaseSpec(
+                image=str(data["image"]),
+                env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
+                replicas=int(data.get("replicas", 1)),
+                port=int(data.get("port", 5000)),
+                network=str(data.get("network", "bridge")),
+                health_path=str(data.get("health_path", "/")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DeployError(f"history of release {name} is unreadable: {exc}") from exc
+        return cls(
+            name, spec, str(data.get("created", "")), data.get("activated"), data.get("rollback_of")
+        )
+
+    def activated_now(self) -> Release:
+        return replace(self, activated=self.activated or now())
+
+
+def history(snapshot: Snapshot, app: str) -> list[Release]:
+    """The app's releases in the order they were created (unreadable ones left out)."""
+    base = app_key(app, "history", "")
+    found = []
+    for key, kv in snapshot.kvs.items():
+        name = key[len(base) :]
+        if key.startswith(base) and RELEASE_NAME.fullmatch(name):
+            with contextlib.suppress(DeployError):
+                found.append(Release.from_json(name, kv.value))
+    return sorted(found, key=lambda r: (r.created, r.name))
+
+
+def previous_release(releases: list[Release], active: str | None) -> Release:
+    """The release that took traffic last before ``active``: what rollback goes back to."""
+    served = [r for r in releases if r.activated and r.name != active]
+    current = next((r for r in releases if r.name == active), None)
+    if current is not None and current.activated:
+        served = [
+            r for r in served if (r.activated, r.created) < (current.activated, current.created)
+        ]
+    if not served:
+        raise DeployError(f"no earlier release than {active or '(none)'} to roll back to")
+    return max(served, key=lambda r: (r.activated or "", r.created))
+
+
+def prune_ops(releases: list[Release], keep: set[str], app: str) -> list[Put | Delete]:
+    """Deletes that keep the history to its last HISTORY_KEPT entries."""
+    old = [r for r in releases if r.name not in keep][: max(0, len(releases) - HISTORY_KEPT)]
+    return [Delete(app_key(app, "history", r.name)) for r in old]
+
+
+# ------------------------------------------------------------------- lock
+
+
+def holder_description(release: str) -> bytes:
+    return json.dumps(
+        {
+            "holder": f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
+            "release": release,
+            "since": now(),
+        }
+    ).encode()
+
+
+def describe_holder(raw: bytes | None) -> str:
+    if raw is None:
+        return "(the lock was just released; try again)"
+    try:
+        data = json.loads(raw)
+        return f"{data['holder']}, deploying {data['release']} since {data['since']}"
+    except (ValueError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace")
+
+
+class Lock:
+    """``apps/<app>/lock`` on a lease kept alive while the deploy runs.
+
+    ``token`` is the exact value written: transactions that must only apply
+    while this controller still holds the lock check it.
+    """
+
+    def __init__(self, store: Store, app: str, release: str, *, ttl: int = 10) -> None:
+        self.store = store
+        self.key = app_key(app, "lock")
+        self.app = app
+        self.ttl = ttl
+        self.token = holder_description(release)
+        self.lost = False
+        self._lease: Any = None
+        self._keeper: asyncio.Task[None] | None = None
+
+    def check(self) -> Check:
+        return Check(self.key, value=self.token)
+
+    async def acquire(self) -> None:
+        self._lease = await self.store.lease(self.ttl)
+        put = Put(self.key, self.token, lease=self._lease.id)
+        if await self.store.transaction([Check(self.key)], [put]) is None:
+            holder = await self.store.get(self.key)
+            await self._revoke()
+            raise LockHeld(self.app, describe_holder(holder))
+        self._keeper = asyncio.create_task(self._keep_alive(), name=f"lock-{self.app}")
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                if await self.store.refresh(self._lease) <= 0:
+                    self.lost = True
+                    log(logger, "deploy lock expired", logging.ERROR, app=self.app)
+                    return
+            except StoreError as exc:
+                log(logger, "deploy lock refresh failed", logging.WARNING, error=str(exc))
+
+    async def release(self, *, attempts: int = 3) -> bool:
+        """Delete the lock (if still ours) and revoke the lease; False if etcd never answered."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        for attempt in range(attempts):
+            try:
+                await self.store.transaction([self.check()], [Delete(self.key)])
+                await self._revoke()
+                return True
+            except StoreError as exc:
+                log(logger, "releasing the deploy lock failed", logging.WARNING, error=str(exc))
+                await asyncio.sleep(0.5 * (attempt + 1))
+        return False
+
+    async def _revoke(self) -> None:
+        if self._lease is not None:
+            with contextlib.suppress(StoreError):
+                await self.store.revoke(self._lease)
+            self._lease = None
+
+    async def __aenter__(self) -> Lock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.release()
