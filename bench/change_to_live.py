@@ -22,26 +22,28 @@ import aetcd
 from harness import Bench, backend_of, summary, wait_until
 
 
-def measure(size: int, changes: int) -> list[float]:
+def measure(size: int, changes: int, mode: str) -> list[float]:
     with Bench() as bench:
         bench.load_apps(size)
-        bench.start_routerd()
-        bench.wait_ready()
+        bench.start_routerd("--dynamic-backends", mode)
+        bench.wait_ready(timeout=300)
         host = "app00000.example.com"
         key = b"/routerd/apps/app00000/releases/v1/web0"
         wait_until(lambda: backend_of(bench, host).startswith("backend-"), 30, "first app")
         latencies = []
+        loop = asyncio.new_event_loop()
+        client = aetcd.Client(host="127.0.0.1", port=bench.etcd_port)
+        loop.run_until_complete(client.connect())
 
-        async def put(value: str) -> None:
-            async with aetcd.Client(host="127.0.0.1", port=bench.etcd_port) as client:
-                await client.put(key, value.encode())
+        def put(value: str) -> None:  # one connected client: time the put, not a handshake
+            loop.run_until_complete(client.put(key, value.encode()))
 
         for i in range(changes):
             target = bench.backends[(i + 1) % 2]
             expected = f"backend-{target}"
-            time.sleep(0.3)  # let the previous generation's old workers retire
+            time.sleep(0.3 if mode == "off" else 0.05)  # let old workers retire
             started = time.perf_counter()
-            asyncio.run(put(f"127.0.0.1:{target}"))
+            put(f"127.0.0.1:{target}")
             while backend_of(bench, host) != expected:
                 if time.perf_counter() - started > 10:
                     raise TimeoutError(
@@ -49,18 +51,22 @@ def measure(size: int, changes: int) -> list[float]:
                     )
             latencies.append((time.perf_counter() - started) * 1000)
         reloads = bench.metric("routerd_reloads_total")
-        print(f"  {size} apps: {summary(latencies)}; reloads {reloads:.0f}")
+        label = "reload path" if mode == "off" else "dynamic (Lua)"
+        print(f"  {label:13s} {size:6d} apps: {summary(latencies)}; reloads {reloads:.0f}")
         return latencies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10,1000")
+    parser.add_argument("--sizes", default="10,1000,10000")
     parser.add_argument("--changes", type=int, default=40)
+    parser.add_argument("--modes", default="off,on", help="--dynamic-backends values to run")
     args = parser.parse_args()
-    print("change-to-live (reload path), instance change, connection-per-request poll:")
+    print("change-to-live of an instance change, connection-per-request poll")
+    print("(reloads counts every reload since start, the first config included):")
     for size in map(int, args.sizes.split(",")):
-        measure(size, args.changes)
+        for mode in args.modes.split(","):
+            measure(size, args.changes, mode)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Commands and exit codes; the only place that exits.
 
-Exit codes: 0 success, 1 the work failed (invalid config, etcd error),
-2 bad usage (a flag or argument is wrong; the message names it).
+Exit codes: 0 success, 1 the work failed (invalid config, etcd error, a
+deploy failed and was rolled back), 2 bad usage (a flag or argument is wrong;
+the message names it), 130 interrupted (a deploy was rolled back).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from routerd import __version__, logs, validate
 from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
-from routerd.model import APP_NAME, OPTION_PARSERS, Loader, parse_app_config
+from routerd.model import APP_NAME, OPTION_PARSERS, RELEASE_NAME, Loader, parse_app_config
 from routerd.nginx import Installer, Nginx
 from routerd.render import Rendered, Renderer
 from routerd.settings import (
@@ -39,6 +40,7 @@ from routerd.settings import (
 from routerd.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
 INCLUDE = re.compile(r"^(\s*)include (routerd/apps/[^;]+\.conf);\n", re.MULTILINE)
 
 EPILOG = """\
@@ -49,7 +51,9 @@ examples:
   routerd run --nginx-conf /etc/nginx/nginx.conf --supervise
   routerd render --dry-run --diff --nginx-conf /etc/nginx/nginx.conf
   routerd apps set shop --domain shop.example.com --option client_max_body_size=50m
-  routerd status
+  routerd deploy shop --image shop:42 --replicas 2 --env DATABASE_URL=postgres://db/shop
+  routerd rollback shop
+  routerd status shop
 """
 
 
@@ -122,6 +126,68 @@ def _nginx_flags(parser: argparse.ArgumentParser, *, conf_required: bool) -> Non
     )
     _flag(group, "--pool", "shared", help="serve only the apps of this pool")
     _flag(group, "--nginx-pid-file", help="pid file of the nginx master to signal (sidecar mode)")
+    _flag(
+        group,
+        "--dynamic-backends",
+        "auto",
+        choices=["auto", "on", "off"],
+        help="apply instance and release changes inside nginx, without a reload "
+        "(needs the Lua module; auto: when this nginx has it)",
+    )
+
+
+def _docker_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("docker")
+    _flag(group, "--docker-host", help="Docker engine URL (default: DOCKER_HOST or the socket)")
+    _flag(group, "--advertise-host", "127.0.0.1", help="address routers reach containers at")
+
+
+def _deploy_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("deploy")
+    _flag(group, "--health-timeout", "30", type=float, help="seconds for a container to be healthy")
+    _flag(group, "--drain", "2", type=float, help="seconds between the switch and the old's stop")
+    _flag(group, "--router-timeout", "30", type=float, help="seconds to wait for the routers")
+    _switch(group, "--no-wait-routers", "go on without routers to confirm (none need run)")
+    _flag(group, "--stop-timeout", "10", type=float, help="seconds from SIGTERM to SIGKILL")
+    _flag(group, "--rollback-timeout", "30", type=float, help="seconds a rollback retries etcd")
+    _docker_flags(parser)
+    _etcd_flags(parser)
+
+
+def _deploy_commands(commands: Any) -> None:
+    deploy = commands.add_parser(
+        "deploy", help="blue-green deploy of a new release: six steps, rolled back on failure"
+    )
+    deploy.add_argument("app")
+    deploy.add_argument("--image", required=True, help="an image on the engine (never pulled)")
+    deploy.add_argument("--replicas", type=int, default=1, help="containers (default: 1)")
+    deploy.add_argument("--port", type=int, default=5000, help="$PORT on a bridge (default: 5000)")
+    deploy.add_argument(
+        "--env", action="append", default=[], metavar="K=V", help="environment (repeatable)"
+    )
+    deploy.add_argument("--release", help="release name (default: r<UTC time>-<4 hex>)")
+    _flag(
+        deploy,
+        "--network",
+        "bridge",
+        choices=["bridge", "host"],
+        help="bridge publishes $PORT on a free host port; host makes $PORT a free host port",
+    )
+    _flag(deploy, "--health-path", "/", help="path each container must answer with 2xx or 3xx")
+    _deploy_flags(deploy)
+
+    rollback = commands.add_parser(
+        "rollback", help="deploy the release before the active one again, by the same steps"
+    )
+    rollback.add_argument("app")
+    rollback.add_argument("--to", metavar="RELEASE", help="a release from the app's history")
+    _deploy_flags(rollback)
+
+    gc = commands.add_parser("gc", help="remove releases and containers nothing routes to")
+    gc.add_argument("app", nargs="?")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    _docker_flags(gc)
+    _etcd_flags(gc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,16 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         mode, "--supervise", "start nginx as a child and reload it (else signal --nginx-pid-file)"
     )
     _flag(mode, "--router-id", os.uname().nodename, help="name of this router's status key")
-    _flag(
-        mode,
-        "--dynamic-backends",
-        "auto",
-        choices=["auto", "on", "off"],
-        help="apply instance changes inside nginx (needs the Lua module; not in this version)",
-    )
     _flag(mode, "--metrics-listen", "127.0.0.1:9145", help="/healthz, /readyz and /metrics")
     _switch(mode, "--allow-shrink", "apply snapshots that drop all apps or more than half of them")
-    _flag(mode, "--debounce-min", "0.02", type=float, help="quiet seconds before applying a change")
+    _flag(
+        mode, "--debounce-min", "0.005", type=float, help="quiet seconds before applying a change"
+    )
     _flag(mode, "--debounce-max", "1.0", type=float, help="longest wait in seconds during a burst")
     _flag(mode, "--resync-interval", "60", type=float, help="seconds between full rereads of etcd")
     _flag(
@@ -204,9 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (app_set, apps_ls, apps_rm):
         _etcd_flags(sub)
 
+    _deploy_commands(commands)
+
     status = commands.add_parser("status", help="apps, releases, instances and routers")
     status.add_argument("app", nargs="?")
     _etcd_flags(status)
+    _flag(status, "--docker-host", help="Docker engine URL (default: DOCKER_HOST or the socket)")
     return parser
 
 
@@ -269,10 +333,6 @@ def run_settings(args: argparse.Namespace) -> Settings:
         raise ConfigError("--nginx-conf", f"folder {conf.parent} does not exist")
     if args.supervise == bool(args.nginx_pid_file):
         raise ConfigError("--supervise", "give exactly one of --supervise or --nginx-pid-file")
-    if args.dynamic_backends == "on":
-        raise ConfigError(
-            "--dynamic-backends", "'on' is not available in this version; use auto or off"
-        )
     parse_listen("--metrics-listen", args.metrics_listen)
     for flag in (
         "debounce_min",
@@ -354,19 +414,24 @@ def cmd_render(args: argparse.Namespace) -> int:
 async def _render(
     args: argparse.Namespace, store: Store, live: NginxSettings, check: NginxSettings
 ) -> int:
-    from routerd.daemon import layout_of
+    from routerd.daemon import dynamic_backends, layout_of
 
     snapshot = await store.snapshot()
     table = Loader(prefix=store.settings.prefix, pool=args.pool).load(snapshot)
     for error in table.errors:
         print(f"routerd: rejected {error.key}: {error.error}", file=sys.stderr)
 
-    def render(ns: NginxSettings) -> Rendered:
-        settings = Settings(etcd=store.settings, nginx=ns, pool=args.pool)
-        return Renderer(ns.templates, layout_of(settings)).render(table)
+    def render(ns: NginxSettings, *, prepare: bool) -> Rendered:
+        settings = Settings(
+            etcd=store.settings, nginx=ns, pool=args.pool, dynamic_backends=args.dynamic_backends
+        )
+        backends, lua = dynamic_backends(settings)
+        if backends is not None and prepare:
+            backends.prepare()
+        return Renderer(ns.templates, layout_of(settings, lua)).render(table)
 
-    candidate = render(live)
-    _validate_scratch(render(check), check)
+    candidate = render(live, prepare=False)
+    _validate_scratch(render(check, prepare=True), check)
     text = expand(candidate.main, candidate.shards)
     if args.diff:
         installed = expand_installed(live.conf)
@@ -501,6 +566,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for name in apps if args.app is None else [args.app]:
             _print_app(snapshot, store.prefix, name)
+        if args.app is not None:
+            await _print_deploy_state(store, args)
         return EXIT_OK
 
     return asyncio.run(_with_store(args, work))
@@ -518,11 +585,168 @@ def _print_app(snapshot: Any, prefix: str, name: str) -> None:
         print(f"  {release}/{instance}\t{snapshot.kvs[key].value.decode('utf-8', 'replace')}")
 
 
+# ------------------------------------------------------------------ deploy
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def release_spec(args: argparse.Namespace) -> Any:
+    from routerd.releases import ReleaseSpec
+
+    env = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or ENV_NAME.fullmatch(name) is None:
+            raise ConfigError("--env", f"{item!r} must be K=V with K a variable name")
+        env[name] = value
+    if not 1 <= args.replicas <= 100:
+        raise ConfigError("--replicas", f"{args.replicas} is not 1..100")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError("--port", f"{args.port} is not 1..65535")
+    if not args.health_path.startswith("/") or any(c.isspace() for c in args.health_path):
+        raise ConfigError("--health-path", f"{args.health_path!r} must be a path starting with /")
+    return ReleaseSpec(
+        image=args.image,
+        env=env,
+        replicas=args.replicas,
+        port=args.port,
+        network=args.network,
+        health_path=args.health_path,
+    )
+
+
+def deploy_options(args: argparse.Namespace) -> Any:
+    from routerd.controller import DeployOptions
+
+    for flag in ("health_timeout", "router_timeout", "stop_timeout", "rollback_timeout", "drain"):
+        if getattr(args, flag) < 0 or (flag != "drain" and getattr(args, flag) == 0):
+            raise ConfigError("--" + flag.replace("_", "-"), "must be positive")
+    return DeployOptions(
+        health_timeout=args.health_timeout,
+        drain=args.drain,
+        router_timeout=args.router_timeout,
+        wait_routers=not args.no_wait_routers,
+        stop_timeout=args.stop_timeout,
+        rollback_timeout=args.rollback_timeout,
+    )
+
+
+def _check_app(app: str) -> None:
+    if APP_NAME.fullmatch(app) is None:
+        raise ConfigError("app", f"{app!r} must match {APP_NAME.pattern}")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _check_app(args.app)
+    if args.release and RELEASE_NAME.fullmatch(args.release) is None:
+        raise ConfigError("--release", f"{args.release!r} must match {RELEASE_NAME.pattern}")
+    spec = release_spec(args)
+    return _drive(args, lambda deployer: deployer.deploy(args.app, spec, release=args.release))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    _check_app(args.app)
+    return _drive(args, lambda deployer: deployer.rollback(args.app, to=args.to))
+
+
+def _drive(args: argparse.Namespace, work: Callable[[Any], Coroutine[Any, Any, Any]]) -> int:
+    """Run a deploy; SIGINT or SIGTERM stops it and it rolls back (a second one waits)."""
+    from routerd.controller import Deployer
+    from routerd.runtime import DockerRuntime
+
+    options, settings = deploy_options(args), etcd_settings(args)
+    runtime = DockerRuntime(args.docker_host, advertise_host=args.advertise_host)
+
+    async def main() -> int:
+        store = Store(settings)
+        deployer = Deployer(store, runtime, options, say=_say)
+        task = asyncio.create_task(work(deployer))
+        loop = asyncio.get_running_loop()
+
+        def interrupt(sig: signal.Signals) -> None:
+            if deployer.interruptible and not task.cancelling():
+                _say(f"routerd: {sig.name}: stopping the deploy")
+                task.cancel()
+            else:
+                _say(f"routerd: {sig.name}: rolling back or cleaning up; please wait")
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, interrupt, sig)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return EXIT_INTERRUPTED
+        finally:
+            await store.close()
+        return EXIT_OK
+
+    return asyncio.run(main())
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from routerd.inventory import collect_garbage
+    from routerd.runtime import DockerRuntime
+
+    if args.app is not None:
+        _check_app(args.app)
+    runtime = DockerRuntime(args.docker_host, advertise_host=args.advertise_host)
+
+    async def work(store: Store) -> int:
+        count = await collect_garbage(store, runtime, app=args.app, dry_run=args.dry_run, say=_say)
+        _say(f"gc: {'would remove' if args.dry_run else 'removed'} {count} container(s)")
+        return EXIT_OK
+
+    return asyncio.run(_with_store(args, work))
+
+
+async def _print_deploy_state(store: Store, args: argparse.Namespace) -> None:
+    """``status <app>``: its release history, containers and what each router serves."""
+    from routerd.errors import ContainerError
+    from routerd.inventory import describe
+    from routerd.releases import pool_of
+    from routerd.runtime import DockerRuntime
+
+    runtime, runtime_error = None, None
+    try:
+        runtime = DockerRuntime(args.docker_host)
+    except ContainerError as exc:
+        runtime_error = str(exc)
+    pool = pool_of(await store.get(f"apps/{args.app}/config"))
+    state = await describe(store, runtime, args.app, pool=pool)
+    print(f"  history ({len(state.history)}):")
+    for release in state.history:
+        spec = release.spec
+        mark = "*" if release.name == state.active else " "
+        print(
+            f"   {mark}{release.name}\timage={spec.image} replicas={spec.replicas} "
+            f"network={spec.network} created={release.created} "
+            f"activated={release.activated or '-'}"
+            + (f" rollback_of={release.rollback_of}" if release.rollback_of else "")
+        )
+    if state.containers is None:
+        print(f"  containers: unknown ({state.runtime_error or runtime_error})")
+    else:
+        print(f"  containers ({len(state.containers)}):")
+        for c in state.containers:
+            print(f"    {c.name}\t{c.short_id} release={c.release} {c.state} port={c.port}")
+    print(f"  routers of pool {pool} ({len(state.routers)}):")
+    for line in state.routers:
+        print(f"    {line}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "render": cmd_render,
     "apps": cmd_apps,
     "status": cmd_status,
+    "deploy": cmd_deploy,
+    "rollback": cmd_rollback,
+    "gc": cmd_gc,
 }
 
 

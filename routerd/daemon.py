@@ -22,13 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from routerd import validate
+from routerd.backends import Backends, detect_lua, table_of
 from routerd.debounce import Debouncer
-from routerd.errors import NginxNotRunning, ReloadError, RenderError, StoreError, ValidationError
+from routerd.errors import (
+    ConfigError,
+    NginxNotRunning,
+    ReloadError,
+    RenderError,
+    StoreError,
+    ValidationError,
+)
 from routerd.logs import log
 from routerd.metrics import HealthServer, Metrics
 from routerd.model import Loader, Rejection, RoutingTable, Snapshot
 from routerd.nginx import Installer, Nginx
-from routerd.render import Layout, Rendered, Renderer
+from routerd.render import Layout, Lua, Rendered, Renderer
 from routerd.settings import Settings
 from routerd.status import StatusWriter
 from routerd.store import Compacted, Mirror, Store
@@ -40,6 +48,7 @@ WRITE_EVENTS = {"created", "modified", "deleted", "moved", "closed"}
 
 class Outcome(enum.Enum):
     UNCHANGED = "unchanged"
+    PUSHED = "pushed"  # instance lists changed inside nginx, no reload
     RELOADED = "reloaded"
     REJECTED = "rejected"
     ROLLED_BACK = "rolled_back"
@@ -50,9 +59,10 @@ class Outcome(enum.Enum):
 class Result:
     outcome: Outcome
     error: Rejection | None = None
+    retry: bool = False  # try the same snapshot again shortly
 
 
-def layout_of(settings: Settings) -> Layout:
+def layout_of(settings: Settings, lua: Lua | None = None) -> Layout:
     nginx = settings.nginx
     pid_file = nginx.pid_file if nginx.pid_file else nginx.runtime_dir / "nginx.pid"
     return Layout(
@@ -61,7 +71,25 @@ def layout_of(settings: Settings) -> Layout:
         status_listen=nginx.status_listen,
         runtime_dir=str(nginx.runtime_dir),
         pid_file=str(pid_file),
+        lua=lua,
     )
+
+
+def dynamic_backends(settings: Settings) -> tuple[Backends | None, Lua | None]:
+    """--dynamic-backends: the balancer's table and layout when this nginx has Lua."""
+    ns = settings.nginx
+    if settings.dynamic_backends == "off":
+        return None, None
+    support = detect_lua(ns.binary)
+    if support is None:
+        if settings.dynamic_backends == "on":
+            raise ConfigError(
+                "--dynamic-backends",
+                f"{ns.binary} has no Lua module (Debian: libnginx-mod-http-lua)",
+            )
+        return None, None
+    backends = Backends(state_dir=ns.state_dir, runtime_dir=ns.runtime_dir, templates=ns.templates)
+    return backends, backends.layout(support)
 
 
 class Router:
@@ -72,7 +100,10 @@ class Router:
         self.metrics = metrics
         ns = settings.nginx
         self.loader = Loader(prefix=settings.etcd.prefix, pool=settings.pool)
-        self.renderer = Renderer(ns.templates, layout_of(settings))
+        self.backends, lua = dynamic_backends(settings)
+        if self.backends is not None:
+            self.backends.prepare()
+        self.renderer = Renderer(ns.templates, layout_of(settings, lua))
         self.installer = Installer(ns.conf, keep_failed=ns.keep_failed)
         self.nginx = Nginx(
             binary=ns.binary,
@@ -86,14 +117,22 @@ class Router:
         self.installer.remove_stale_temporaries()
         self.served = self.installer.installed_generation()
         self.served_apps: set[str] | None = None  # unknown until the first apply
+        self.table: RoutingTable | None = None  # the last one built
         self._checked: set[str] = set()  # shard files crossplane already passed
         self._refused: dict[str, str] = {}  # candidate sha -> why it was refused
 
     # -- the straight line
 
-    async def apply(self, snapshot: Snapshot) -> tuple[RoutingTable, Result]:
+    async def apply(
+        self, snapshot: Snapshot, changed: set[str] | None = None
+    ) -> tuple[RoutingTable, Result]:
+        """One snapshot through the straight line; ``changed`` names the keys
+        that changed since the last call (None: unknown, load everything)."""
         started = time.monotonic()
-        table = await asyncio.to_thread(self.loader.load, snapshot)
+        table = self._load_changed(snapshot, changed)
+        if table is None:
+            table = await asyncio.to_thread(self.loader.load, snapshot)
+        self.table = table
         try:
             rendered = await asyncio.to_thread(self.renderer.render, table)
         except RenderError as exc:
@@ -102,13 +141,20 @@ class Router:
             )
         self.metrics.render_seconds.observe(time.monotonic() - started)
         if rendered.sha256 == self.served:
-            self.served_apps = {a.name for a in table.apps}
-            return table, Result(Outcome.UNCHANGED)
+            if table.dirty is None:  # Loader.update keeps the same apps
+                self.served_apps = {a.name for a in table.apps}
+            return table, await self._push(table)
         if (shrink := self._shrink_error(table)) is not None:
             return table, self._hold(table, shrink)
         if rendered.sha256 in self._refused:  # the same bad candidate again: no disk churn
             return table, Result(Outcome.REJECTED, self._error(self._refused[rendered.sha256]))
         return table, await self._install(table, rendered, started)
+
+    def _load_changed(self, snapshot: Snapshot, changed: set[str] | None) -> RoutingTable | None:
+        """Instance and release changes re-route only their apps (None: load all)."""
+        if changed is None or self.table is None:
+            return None
+        return self.loader.update(self.table, snapshot, changed)
 
     async def _install(self, table: RoutingTable, rendered: Rendered, started: float) -> Result:
         new_files = await asyncio.to_thread(self.installer.write_files, rendered)
@@ -118,6 +164,9 @@ class Router:
         except ValidationError as exc:
             folder = self.installer.keep_failed_candidate(staged, new_files, str(exc))
             return self._refuse(rendered, f"{exc} (candidate kept in {folder})")
+        if self.backends is not None:  # the new generation loads it as it starts
+            entries = table_of(table)
+            await asyncio.to_thread(self.backends.write_file, table.revision, entries)
         offset = self.nginx.error_log_offset()
         self.installer.install(staged)
         try:
@@ -130,6 +179,8 @@ class Router:
             return await self._roll_back(table, rendered, new_files, exc)
         self.served, self.served_apps = rendered.sha256, {a.name for a in table.apps}
         self._checked.intersection_update(rendered.shards)
+        if (pushed := await self._push(table)).error is not None:
+            return pushed
         await asyncio.to_thread(self.installer.collect_garbage)
         took = round((time.monotonic() - started) * 1000)
         log(
@@ -141,6 +192,26 @@ class Router:
             took_ms=took,
         )
         return Result(Outcome.RELOADED)
+
+    async def _push(self, table: RoutingTable) -> Result:
+        """Dynamic backends: hand nginx the instance lists that changed, no reload."""
+        if self.backends is None:
+            return Result(Outcome.UNCHANGED)
+        changes = self.backends.changes(table)
+        if changes == {}:
+            return Result(Outcome.UNCHANGED)
+        started = time.monotonic()
+        try:
+            sent = await self.backends.push(table, changes)
+        except ReloadError as exc:
+            error = self._error(f"backend push failed (retrying): {exc}")
+            return Result(Outcome.REJECTED, error, retry=True)
+        took = round((time.monotonic() - started) * 1000, 1)
+        # After the push, off the latency path: the file only serves nginx's next start.
+        await asyncio.to_thread(self.backends.write_file, table.revision)
+        log(logger, "pushed", revision=table.revision, apps=sent, took_ms=took)
+        self.metrics.pushes.inc()
+        return Result(Outcome.PUSHED)
 
     async def _validate(self, staged: Path, rendered: Rendered) -> None:
         started = time.monotonic()
@@ -336,6 +407,7 @@ class Daemon:
     def _templates_changed(self) -> None:
         log(logger, "templates changed")
         self.router.renderer.reload_templates()
+        self.mirror.changed = None  # render everything again
         self.changed()
 
     async def _follow_etcd(self) -> None:
@@ -381,18 +453,24 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
             self.debouncer.reset()
-            await self._apply(self.mirror.snapshot())
+            await self._apply(*self.mirror.take())
 
-    async def _apply(self, snapshot: Snapshot) -> None:
+    async def _apply(self, snapshot: Snapshot, changed: set[str] | None) -> None:
         try:
-            table, result = await self.router.apply(snapshot)
+            table, result = await self.router.apply(snapshot, changed)
         except OSError as exc:  # disk full, permissions: keep serving, report, retry on next change
             log(logger, "apply failed", logging.ERROR, revision=snapshot.revision, error=str(exc))
+            self.mirror.changed = None
             return
         self.metrics.applies.labels(outcome=result.outcome.value).inc()
         errors = list(table.errors) + ([result.error] if result.error else [])
         self._count_rejections(snapshot.revision, errors)
-        if result.outcome in (Outcome.RELOADED, Outcome.UNCHANGED) and self.router.served:
+        if result.retry:
+            asyncio.get_running_loop().call_later(1.0, self.changed)
+        if (
+            result.outcome in (Outcome.RELOADED, Outcome.UNCHANGED, Outcome.PUSHED)
+            and self.router.served
+        ):
             self.ready = True
             self.metrics.set_config(self.router.served)
         self.metrics.revision.set(snapshot.revision)
@@ -436,3 +514,16 @@ class Daemon:
                 self.router.served = live
                 self.changed()
             self.ready = live is not None and live == self.router.served
+            await self._check_backends()
+
+    async def _check_backends(self) -> None:
+        """An nginx that restarted loaded the table file, which may be older
+        than the last push: then push the whole table again."""
+        backends = self.router.backends
+        if backends is None or backends.pushed is None:
+            return
+        held = await backends.held_revision()
+        if held is not None and held < backends.revision:
+            log(logger, "nginx holds an older backend table; pushing it whole", held=held)
+            backends.pushed = None
+            self.changed()

@@ -64,6 +64,6 @@ class LockHeld(DeployError):
     """Another controller is deploying the same app; ``holder`` says who."""
 
     def __init__(self, app: str, holder: str) -> None:
-        super().__init__(f"a deploy of {app} is already running: {holder}")
+        super().__init__(f"another deploy of {app} is running: the lock is {holder}")
         self.app = app
         self.holder = holder

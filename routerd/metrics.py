@@ -29,6 +29,9 @@ class Metrics:
         self.reloads = Counter(
             "routerd_reloads", "nginx reloads, by result", ["result"], registry=r
         )
+        self.pushes = Counter(
+            "routerd_backend_pushes", "Instance changes applied inside nginx", registry=r
+        )
         self.rollbacks = Counter("routerd_rollbacks", "Failed reloads rolled back", registry=r)
         self.rejections = Counter(
             "routerd_rejections", "etcd values rejected (each key once per bad value)", registry=r

@@ -8,6 +8,7 @@ in routerd looks at raw etcd values. Does not render, write or talk to etcd.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -15,7 +16,7 @@ import re
 import ssl
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from routerd.errors import InvalidValue
@@ -99,6 +100,16 @@ class App:
     instances: tuple[Instance, ...]
     tls: tuple[Cert, ...] = ()
 
+    @functools.cached_property
+    def addresses(self) -> str:
+        """ "host:port,host:port": the instance list as the balancer takes it."""
+        return ",".join(i.address for i in self.instances)
+
+    @functools.cached_property
+    def ip_only(self) -> bool:
+        """Every instance is an IP address (the dynamic balancer cannot resolve names)."""
+        return all(i.host[0] == "[" or IPV4.fullmatch(i.host) for i in self.instances)
+
     @property
     def plain_domains(self) -> tuple[str, ...]:
         secured = {cert.domain for cert in self.tls}
@@ -116,6 +127,9 @@ class RoutingTable:
     revision: int
     apps: tuple[App, ...]
     errors: tuple[Rejection, ...] = ()
+    # Set by Loader.update: only these apps' instances differ from the table
+    # it was updated from (same apps, domains, options). None: anything may.
+    dirty: frozenset[str] | None = None
 
     def app(self, name: str) -> App | None:
         return next((a for a in self.apps if a.name == name), None)
@@ -307,10 +321,12 @@ class Loader:
         self.pool = pool
         self._parsed: dict[str, _Parsed] = {}
         self._last_valid: dict[str, Any] = {}
+        self._groups: dict[str, _AppKeys] = {}
 
     def load(self, snapshot: Snapshot) -> RoutingTable:
         errors: list[Rejection] = []
         apps, certs = self._group(snapshot, errors)
+        self._groups = apps
         self._forget_deleted(snapshot)
         cert_by_domain = self._certs(certs, errors)
         configs = self._configs(apps, errors)
@@ -322,6 +338,59 @@ class Loader:
             tls = tuple(cert_by_domain[d] for d in config.domains if d in cert_by_domain)
             table.append(App(name, config.domains, config.options, instances, tls))
         return RoutingTable(snapshot.revision, tuple(table), tuple(errors))
+
+    def update(
+        self, previous: RoutingTable, snapshot: Snapshot, changed: set[str]
+    ) -> RoutingTable | None:
+        """Re-route only the apps whose instances or active release changed.
+
+        The common change (a deploy, a dying instance) costs in proportion to
+        the apps it touches, not to all of them. Returns None when a change
+        touches anything else (configs, certs): then a full ``load`` is due.
+        """
+        dirty: set[str] = set()
+        for rel in changed:
+            parts = rel.split("/")
+            if parts[0] != "apps" or len(parts) < 3 or parts[2] == "config":
+                return None
+            if parts[2] in ("active", "releases"):
+                if not self._regroup(rel, parts, snapshot):
+                    return None
+                dirty.add(parts[1])
+        errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
+        apps = []
+        for app in previous.apps:
+            if app.name in dirty:
+                instances = self._routed_instances(app.name, self._groups[app.name], errors)
+                app = replace(app, instances=instances)
+            apps.append(app)
+        return RoutingTable(snapshot.revision, tuple(apps), tuple(errors), frozenset(dirty))
+
+    def _routing_key_of(self, key: str) -> str | None:
+        """The app whose active or instance key this is, else None."""
+        parts = key[len(self.prefix) + 1 :].split("/")
+        is_active = len(parts) == 3 and parts[2] == "active"
+        is_instance = len(parts) == 5 and parts[2] == "releases"
+        return parts[1] if parts[0] == "apps" and (is_active or is_instance) else None
+
+    def _regroup(self, rel: str, parts: list[str], snapshot: Snapshot) -> bool:
+        """Move one changed active/instance key into its app's group; False if unsure."""
+        keys = self._groups.get(parts[1])
+        if keys is None or APP_NAME.fullmatch(parts[1]) is None:
+            return False  # an app the last full load did not see: let a load decide
+        key, kv = f"{self.prefix}/{rel}", snapshot.kvs.get(rel)
+        if kv is None:
+            self._parsed.pop(key, None)
+            self._last_valid.pop(key, None)
+        if parts[2] == "active" and len(parts) == 3:
+            keys.active = None if kv is None else (key, kv)
+            return True
+        if parts[2] == "releases" and len(parts) == 5:
+            keys.instances = [i for i in keys.instances if i[0] != key]
+            if kv is not None:
+                keys.instances.append((key, parts[3], parts[4], kv))
+            return True
+        return False
 
     # -- grouping keys by app
 

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from routerd.errors import DeployError, LockHeld, StoreError
@@ -39,11 +40,40 @@ def app_key(app: str, *parts: str) -> str:
 
 
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    """UTC, to the microsecond and fixed width, so the strings sort in time order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_release_name() -> str:
     return f"r{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+# ------------------------------------------------------------- the app keys
+
+
+def active_release(snapshot: Snapshot, app: str) -> str | None:
+    kv = snapshot.kvs.get(app_key(app, "active"))
+    return (kv.value.decode("utf-8", "replace").strip() or None) if kv else None
+
+
+def registered_releases(snapshot: Snapshot, app: str) -> dict[str, dict[str, str]]:
+    """release -> {instance: address} of the app's registered instances."""
+    base = app_key(app, "releases", "")
+    found: dict[str, dict[str, str]] = {}
+    for key, kv in sorted(snapshot.kvs.items()):
+        if key.startswith(base):
+            release, _, instance = key[len(base) :].partition("/")
+            found.setdefault(release, {})[instance] = kv.value.decode("utf-8", "replace")
+    return found
+
+
+def pool_of(raw: bytes | None) -> str:
+    """An app's pool from its config, read leniently: routers judge configs, not the controller."""
+    try:
+        pool = json.loads(raw or b"{}").get("pool", "shared")
+    except (ValueError, AttributeError):
+        return "shared"
+    return pool if isinstance(pool, str) else "shared"
 
 
 # ---------------------------------------------------------------- history
@@ -130,22 +160,23 @@ def prune_ops(releases: list[Release], keep: set[str], app: str) -> list[Put | D
 # ------------------------------------------------------------------- lock
 
 
-def holder_description(release: str) -> bytes:
+def holder_description(doing: str) -> bytes:
     return json.dumps(
         {
             "holder": f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
-            "release": release,
+            "doing": doing,
             "since": now(),
+            "token": secrets.token_hex(8),
         }
     ).encode()
 
 
 def describe_holder(raw: bytes | None) -> str:
     if raw is None:
-        return "(the lock was just released; try again)"
+        return "just released; try again"
     try:
         data = json.loads(raw)
-        return f"{data['holder']}, deploying {data['release']} since {data['since']}"
+        return f"held by {data['holder']} ({data['doing']}) since {data['since']}"
     except (ValueError, KeyError, TypeError):
         return raw.decode("utf-8", "replace")
 
@@ -157,12 +188,12 @@ class Lock:
     while this controller still holds the lock check it.
     """
 
-    def __init__(self, store: Store, app: str, release: str, *, ttl: int = 10) -> None:
+    def __init__(self, store: Store, app: str, doing: str, *, ttl: int = 10) -> None:
         self.store = store
         self.key = app_key(app, "lock")
         self.app = app
         self.ttl = ttl
-        self.token = holder_description(release)
+        self.token = holder_description(doing)
         self.lost = False
         self._lease: Any = None
         self._keeper: asyncio.Task[None] | None = None

@@ -10,6 +10,7 @@ disk until the new one is confirmed. Does not write files or run nginx.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import zlib
@@ -51,8 +52,14 @@ def cert_path(cert: Cert) -> str:
     return f"{CERTS_DIR}/{cert.sha256[:32]}.pem"
 
 
+@functools.lru_cache(maxsize=65536)
 def shard_of(name: str) -> int:
     return zlib.crc32(name.encode()) % SHARDS
+
+
+def _same_objects(old: list[str], new: list[str]) -> bool:
+    """Unchanged apps keep their text object, so identity is a cheap proof."""
+    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
 
 
 def sha256(text: str) -> str:
@@ -71,6 +78,17 @@ class Rendered:
 
 
 @dataclass(frozen=True)
+class Lua:
+    """Dynamic backends are on: where the balancer's pieces live."""
+
+    modules: tuple[str, ...]  # load_module paths; empty when nginx has Lua built in
+    package_dir: str
+    backends_file: str
+    socket: str
+    source_sha256: str  # the balancer's Lua source: a new one makes a new generation
+
+
+@dataclass(frozen=True)
 class Layout:
     """What the main template needs from the flags."""
 
@@ -79,6 +97,7 @@ class Layout:
     status_listen: str
     runtime_dir: str
     pid_file: str
+    lua: Lua | None = None
 
 
 class Renderer:
@@ -90,6 +109,9 @@ class Renderer:
         self.layout = layout
         self._env = self._environment()
         self._app_text: dict[str, tuple[App, str]] = {}
+        self._shards: dict[int, tuple[list[str], str, str]] = {}  # texts, file name, text
+        self._shard_apps: dict[int, list[str]] = {}  # shard -> its apps, in order
+        self._context: dict[str, Any] | None = None  # main template context of the last full pass
 
     def _environment(self) -> jinja2.Environment:
         env = jinja2.Environment(
@@ -107,34 +129,65 @@ class Renderer:
         """Templates changed on disk: start from a fresh environment and cache."""
         self._env = self._environment()
         self._app_text.clear()
+        self._shards.clear()
+        self._context = None
 
     def render(self, table: RoutingTable) -> Rendered:
-        shards = self._render_shards(table.apps)
-        if len(self._app_text) > len(table.apps):
-            names = {app.name for app in table.apps}
-            self._app_text = {n: v for n, v in self._app_text.items() if n in names}
+        if table.dirty is not None and self._context is not None:
+            shards = self._render_dirty_shards(table)
+        else:
+            self._context = None  # until this full pass succeeds
+            shards = self._render_shards(table.apps)
+            self._context = self._main_context(table)
         certs = {cert_path(c): c.pem for app in table.apps for c in app.tls}
-        context = self._main_context(table, sorted(shards))
+        context = {**(self._context or {}), "includes": sorted(shards)}
         body = self._render_template(MAIN_TEMPLATE, generation="0" * 64, **context)
         generation = sha256(body)
         main = self._render_template(MAIN_TEMPLATE, generation=generation, **context)
         return Rendered(main, generation, len(table.apps), shards, certs)
 
     def _render_shards(self, apps: tuple[App, ...]) -> dict[str, str]:
-        groups: dict[int, list[str]] = {}
+        """Every app: unchanged ones come from the cache, by identity or equality."""
+        groups: dict[int, list[App]] = {}
         for app in apps:
-            groups.setdefault(shard_of(app.name), []).append(self._render_app(app))
+            groups.setdefault(shard_of(app.name), []).append(app)
+        self._app_text = {a.name: v for a in apps if (v := self._app_text.get(a.name))}
+        self._shard_apps = {shard: [a.name for a in members] for shard, members in groups.items()}
         shards = {}
-        for shard, texts in groups.items():
-            text = "".join(texts)
-            shards[f"{APPS_DIR}/{shard:02x}-{sha256(text)[:20]}.conf"] = text
+        for shard, members in groups.items():
+            shards.update([self._shard_file(shard, [self._render_app(a) for a in members])])
         return shards
+
+    def _render_dirty_shards(self, table: RoutingTable) -> dict[str, str]:
+        """Only the apps Loader.update touched (same apps, domains, options)."""
+        for app in table.apps:
+            if app.name in table.dirty:  # type: ignore[operator]
+                self._render_app(app)
+        touched = {shard_of(name) for name in table.dirty or ()}
+        shards = {}
+        for shard, names in self._shard_apps.items():
+            texts = [self._app_text[n][1] for n in names] if shard in touched else None
+            shards.update([self._shard_file(shard, texts)])
+        return shards
+
+    def _shard_file(self, shard: int, texts: list[str] | None) -> tuple[str, str]:
+        """(file name, text) of a shard; texts None: unchanged since last time."""
+        cached = self._shards.get(shard)
+        if cached is None or (texts is not None and not _same_objects(cached[0], texts)):
+            assert texts is not None
+            text = "".join(texts)
+            cached = (texts, f"{APPS_DIR}/{shard:02x}-{sha256(text)[:20]}.conf", text)
+            self._shards[shard] = cached
+        return cached[1], cached[2]
 
     def _render_app(self, app: App) -> str:
         cached = self._app_text.get(app.name)
-        if cached is not None and cached[0] == app:
+        if cached is not None and (cached[0] is app or cached[0] == app):
             return cached[1]
-        text = self._render_template(APP_TEMPLATE, app=app, defaults=Options(), **self._listens())
+        dynamic = self.layout.lua is not None and app.ip_only
+        text = self._render_template(
+            APP_TEMPLATE, app=app, dynamic=dynamic, defaults=Options(), **self._listens()
+        )
         self._app_text[app.name] = (app, text)
         return text
 
@@ -146,11 +199,11 @@ class Renderer:
             "https_port": "" if port == "443" else f":{port}",
         }
 
-    def _main_context(self, table: RoutingTable, includes: list[str]) -> dict[str, Any]:
+    def _main_context(self, table: RoutingTable) -> dict[str, Any]:
         longest = max((len(d) for a in table.apps for d in a.domains), default=0)
         return {
-            "includes": includes,
             "layout": self.layout,
+            "lua": self.layout.lua,
             "tls": any(app.tls for app in table.apps),
             "apps": len(table.apps),
             "server_names_hash_bucket_size": _bucket_size(longest),

@@ -109,7 +109,7 @@ class Settings:
     dynamic_backends: str = "auto"
     metrics_listen: str = "127.0.0.1:9145"
     allow_shrink: bool = False
-    debounce_min: float = 0.02
+    debounce_min: float = 0.005
     debounce_max: float = 1.0
     resync_interval: float = 60.0
     stale_after: float = 30.0

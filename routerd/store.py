@@ -316,14 +316,17 @@ class Mirror:
     def __init__(self) -> None:
         self.revision = 0
         self.kvs: dict[str, KeyValue] = {}
+        self.changed: set[str] | None = None  # keys changed since taken; None: everything
 
     def reset(self, snapshot: Snapshot) -> bool:
         """Take a fresh snapshot; True when it differs from what was mirrored."""
         kvs = {k: v for k, v in snapshot.kvs.items() if k.startswith(self.ROUTING_KEYS)}
-        changed = kvs != self.kvs
+        differs = kvs != self.kvs
         self.kvs = kvs
         self.revision = max(self.revision, snapshot.revision)
-        return changed
+        if differs:
+            self.changed = None
+        return differs
 
     def apply(self, event: Event) -> bool:
         """Apply one event; False when it is not routing input.
@@ -337,7 +340,11 @@ class Mirror:
             self.kvs.pop(event.key, None)
         else:
             self.kvs[event.key] = event.kv
+        if self.changed is not None:
+            self.changed.add(event.key)
         return True
 
-    def snapshot(self) -> Snapshot:
-        return Snapshot(self.revision, dict(self.kvs))
+    def take(self) -> tuple[Snapshot, set[str] | None]:
+        """The current snapshot and the keys changed since the last take (None: all)."""
+        changed, self.changed = self.changed, set()
+        return Snapshot(self.revision, dict(self.kvs)), changed

@@ -21,6 +21,8 @@ from routerd.errors import ValidationError
 APP_TOP_LEVEL = {"upstream", "server"}
 FORBIDDEN = {"include", "load_module", "perl", "perl_modules", "js_import", "js_include"}
 FORBIDDEN_SUFFIXES = ("_by_lua", "_by_lua_block", "_by_lua_file")
+# The one Lua an app file may hold: the call into routerd's balancer.
+ALLOWED_LUA = {("access_by_lua_block", (" routerd.route() ",))}
 
 
 def parse(path: Path) -> list[dict[str, Any]]:
@@ -47,6 +49,8 @@ def check_app_file(path: Path) -> None:
 
 def _check_forbidden(path: Path, directive: dict[str, Any]) -> None:
     name = directive["directive"]
+    if (name, tuple(directive["args"])) in ALLOWED_LUA:
+        return
     if name in FORBIDDEN or name.endswith(FORBIDDEN_SUFFIXES):
         raise ValidationError(
             f'"{name}" is not allowed in an app file', file=str(path), line=directive["line"]

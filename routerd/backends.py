@@ -1,0 +1,164 @@
+"""Dynamic backends: instance lists applied inside nginx, without a reload.
+
+When nginx has the Lua module, apps whose instances are IP addresses are
+routed through one balancer upstream that reads a shared dict. This module
+owns that table on routerd's side: it writes the whole table to a file
+beside nginx.conf (which nginx loads at start and reload, so a new
+generation never serves without backends), pushes what changed to nginx
+over a unix socket in a folder only routerd's user can enter, and reads
+back the revision nginx now holds. Does not render or reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from routerd.errors import ReloadError
+from routerd.model import RoutingTable
+from routerd.nginx import write_atomic
+from routerd.render import Lua
+
+LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
+LUA_SOURCE = "lua/routerd.lua"
+
+
+@dataclass(frozen=True)
+class LuaSupport:
+    """How this nginx gets the Lua module: load_module lines (none when built in)."""
+
+    modules: tuple[str, ...]
+
+
+def detect_lua(nginx_bin: str) -> LuaSupport | None:
+    """Lua support of ``nginx_bin``: built in, a dynamic module, or none."""
+    try:
+        result = subprocess.run([nginx_bin, "-V"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    flags = result.stderr
+    if re.search(r"--add-module=\S*lua", flags):
+        return LuaSupport(())
+    match = re.search(r"--modules-path=(\S+)", flags)
+    folder = Path(match.group(1) if match else "/usr/lib/nginx/modules")
+    paths = [folder / name for name in LUA_MODULES]
+    if not paths[1].is_file():
+        return None
+    return LuaSupport(tuple(str(p) for p in paths if p.is_file()))
+
+
+def table_of(routing: RoutingTable) -> dict[str, str]:
+    """app -> "host:port,host:port" for every app routed by the balancer."""
+    return {app.name: app.addresses for app in routing.apps if app.ip_only}
+
+
+class Backends:
+    """What nginx's shared dict holds, and how to change it."""
+
+    def __init__(self, *, state_dir: Path, runtime_dir: Path, templates: Path) -> None:
+        self.file = state_dir / "backends.txt"
+        self.lua_dir = state_dir / "lua"
+        self.socket_dir = runtime_dir / "private"
+        self.socket = self.socket_dir / "backends.sock"
+        self.source = (templates / LUA_SOURCE).read_bytes()
+        self.pushed: dict[str, str] | None = None  # None: push everything next time
+        self.revision = 0  # of the last confirmed push
+
+    def layout(self, support: LuaSupport) -> Lua:
+        """What the templates need to render the balancer (no file is touched)."""
+        sha = hashlib.sha256(self.source).hexdigest()
+        return Lua(support.modules, str(self.lua_dir), str(self.file), str(self.socket), sha)
+
+    def prepare(self) -> None:
+        """The owner-only socket folder, and the balancer's source beside nginx.conf."""
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.socket_dir, 0o700)
+        self.lua_dir.mkdir(parents=True, exist_ok=True)
+        target = self.lua_dir / "routerd.lua"
+        if not target.exists() or target.read_bytes() != self.source:
+            write_atomic(target, self.source)
+
+    def write_file(self, revision: int, table: dict[str, str] | None = None) -> None:
+        """A table (default: as pushed) for nginx to load at its next start or reload.
+
+        Renamed into place but not fsynced: after a crash routerd pushes the
+        whole table again anyway, and the fsync would sit on the hot path.
+        """
+        table = self.pushed or {} if table is None else table
+        lines = [f"revision {revision} full"] + [f"{a} {v}" for a, v in table.items()]
+        tmp = self.file.with_name(".backends.txt.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.file)
+
+    def changes(self, routing: RoutingTable) -> dict[str, str] | None:
+        """What nginx must learn (an empty app: no instance); None: the whole table."""
+        if self.pushed is None:
+            return None
+        if routing.dirty is not None:  # only these apps' instances moved
+            apps = (a for a in routing.apps if a.name in routing.dirty)
+            wanted = {a.name: a.addresses if a.ip_only else "" for a in apps}
+            return {a: v for a, v in wanted.items() if self.pushed.get(a, "") != v}
+        table = table_of(routing)
+        changed = {a: v for a, v in table.items() if self.pushed.get(a) != v}
+        changed.update({a: "" for a in self.pushed if a not in table})
+        return changed
+
+    async def push(self, routing: RoutingTable, changes: dict[str, str] | None) -> int:
+        """Send ``changes`` (the whole table when None); the number of apps sent."""
+        entries = table_of(routing) if changes is None else changes
+        head = f"revision {routing.revision}" + (" full" if changes is None else "")
+        body = "\n".join([head] + [f"{a} {v}" for a, v in entries.items()]) + "\n"
+        try:
+            answer = await self._request("POST", body.encode())
+        except (OSError, ReloadError):
+            self.pushed = None
+            raise
+        if answer != f"revision {routing.revision}":
+            self.pushed = None
+            raise ReloadError(f"nginx refused the backend push: {answer}")
+        self.revision = routing.revision
+        if changes is None:
+            self.pushed = dict(entries)
+        else:
+            assert self.pushed is not None
+            for app, value in entries.items():
+                if value:
+                    self.pushed[app] = value
+                else:
+                    self.pushed.pop(app, None)
+        return len(entries)
+
+    async def held_revision(self) -> int | None:
+        """The revision nginx's table holds, or None when nginx does not answer."""
+        try:
+            answer = await self._request("GET", b"")
+        except (OSError, ReloadError):
+            return None
+        match = re.fullmatch(r"revision (\d+)", answer)
+        return int(match.group(1)) if match else None
+
+    async def _request(self, method: str, body: bytes) -> str:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(self.socket)), 2.0
+            )
+        except (TimeoutError, OSError) as exc:
+            raise ReloadError(f"backend socket {self.socket}: {exc}") from exc
+        try:
+            writer.write(
+                f"{method} /backends HTTP/1.0\r\nHost: routerd\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            response = await asyncio.wait_for(reader.read(), 10.0)
+        except (TimeoutError, OSError) as exc:
+            raise ReloadError(f"backend push: {exc}") from exc
+        finally:
+            writer.close()
+        head, _, text = response.partition(b"\r\n\r\n")
+        return text.decode("utf-8", "replace").strip() or head.decode(errors="replace")

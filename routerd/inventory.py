@@ -1,0 +1,136 @@
+"""What exists where: etcd's releases against the containers on the engine.
+
+``collect_garbage`` removes what a crashed controller left behind: containers
+labelled for a release nothing routes to, and releases registered beside the
+active one (a deploy that died between register and switch). It takes each
+app's deploy lock first, so it never touches a deploy in progress.
+``describe`` gathers one app's releases, instances, containers and what each
+router of its pool serves, for ``routerd status <app>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from routerd import releases, routers
+from routerd.errors import ContainerError, LockHeld
+from routerd.model import Snapshot
+from routerd.releases import Lock, Release, active_release, app_key, registered_releases
+from routerd.runtime import Container, Runtime
+from routerd.store import Delete, Store
+
+Say = Callable[[str], None]
+
+
+def routed(snapshot: Snapshot, app: str) -> set[str]:
+    """The releases routers send traffic to: the active one, else every registered one."""
+    active = active_release(snapshot, app)
+    return {active} if active else set(registered_releases(snapshot, app))
+
+
+# ---------------------------------------------------------------------- gc
+
+
+async def collect_garbage(
+    store: Store, runtime: Runtime, *, app: str | None = None, dry_run: bool = False, say: Say
+) -> int:
+    """Remove stale releases and their containers; how many containers went."""
+    containers = await asyncio.to_thread(runtime.list, app)
+    snapshot = await store.range(app_key(app, "") if app else "apps/")
+    apps = {c.app for c in containers if c.app} | _apps_with_releases(snapshot)
+    removed = 0
+    for name in sorted(apps if app is None else apps & {app}):
+        mine = [c for c in containers if c.app == name]
+        removed += await _collect_app(store, runtime, name, mine, dry_run=dry_run, say=say)
+    return removed
+
+
+def _apps_with_releases(snapshot: Snapshot) -> set[str]:
+    return {k.split("/")[1] for k in snapshot.kvs if k.startswith("apps/") and "/releases/" in k}
+
+
+async def _collect_app(
+    store: Store,
+    runtime: Runtime,
+    app: str,
+    containers: list[Container],
+    *,
+    dry_run: bool,
+    say: Say,
+) -> int:
+    lock = Lock(store, app, "gc")
+    try:
+        await lock.acquire()
+    except LockHeld as exc:
+        say(f"gc: skipped {app}: {exc}")
+        return 0
+    try:
+        snapshot = await store.range(app_key(app, ""))
+        live = routed(snapshot, app)
+        stale_keys = sorted(set(registered_releases(snapshot, app)) - live)
+        stale = [c for c in containers if c.release not in live]
+        for release in stale_keys:
+            say(f"gc: {app}: release {release} is registered but not active: deregistering")
+        for container in stale:
+            say(f"gc: {app}: removing {container.name} ({container.release}, {container.state})")
+        if dry_run:
+            return len(stale)
+        ops = [Delete(app_key(app, "releases", r, ""), prefix=True) for r in stale_keys]
+        if ops:
+            await store.transaction([lock.check()], ops)
+        for container in stale:
+            await asyncio.to_thread(runtime.remove, container, timeout=10)
+        return len(stale)
+    finally:
+        await lock.release()
+
+
+# ------------------------------------------------------------------ status
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    app: str
+    active: str | None
+    history: list[Release]
+    instances: dict[str, dict[str, str]]
+    containers: list[Container] | None  # None: the runtime could not be asked
+    runtime_error: str | None
+    routers: list[str]  # one line per router of the app's pool
+
+
+async def describe(store: Store, runtime: Runtime | None, app: str, *, pool: str) -> AppStatus:
+    snapshot = await store.range(app_key(app, ""))
+    active_kv = snapshot.kvs.get(app_key(app, "active"))
+    containers, error = None, None
+    if runtime is not None:
+        try:
+            containers = await asyncio.to_thread(runtime.list, app)
+        except ContainerError as exc:
+            error = str(exc)
+    reports = await routers.live_routers(store, pool)
+    since = active_kv.mod_revision if active_kv else 0
+    active = active_release(snapshot, app)
+    return AppStatus(
+        app=app,
+        active=active,
+        history=releases.history(snapshot, app),
+        instances=registered_releases(snapshot, app),
+        containers=containers,
+        runtime_error=error,
+        routers=[_router_line(r, store.prefix, app, active, since) for r in reports],
+    )
+
+
+def _router_line(
+    report: routers.RouterReport, prefix: str, app: str, active: str | None, since: int
+) -> str:
+    errors = report.errors_about(prefix, app, active or "")
+    if errors:
+        return f"{report.router_id}: error {errors[0][0]}: {errors[0][1]}"
+    if report.revision < since:
+        return f"{report.router_id}: behind (revision {report.revision} < {since})"
+    serves = active or "every registered release"
+    return f"{report.router_id}: serves {serves} (revision {report.revision})"
