@@ -50,9 +50,10 @@ class StatusWriter:
         if self._lease is None:
             self._lease = await self.store.lease(self.ttl)
             self._dirty.set()
-        if self._dirty.is_set() and self.status is not None:
-            self._dirty.clear()
-            await self.store.put(self.key, json.dumps(self.status).encode(), lease=self._lease)
+        if self._dirty.is_set():
+            self._dirty.clear()  # cleared even with no status yet, or the wait below spins
+            if self.status is not None:
+                await self.store.put(self.key, json.dumps(self.status).encode(), lease=self._lease)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._dirty.wait(), self.ttl / 3)
             return
