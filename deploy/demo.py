@@ -92,13 +92,16 @@ class Demo:
         return subprocess.run(
             ["etcdctl", "--endpoints", self.etcd, *argv],
             env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
 
     def routerd(self, *argv: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "routerd", *argv, "--etcd", self.etcd],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         return (result.stdout + result.stderr).strip()
 
@@ -144,39 +147,91 @@ def main() -> None:
 def run(demo: Demo) -> None:
     say(f"1. etcd on {demo.etcd} and five backends (working folder {demo.dir})")
     peer = f"http://127.0.0.1:{free_port()}"
-    demo.spawn("etcd", "--name", "demo", "--data-dir", str(demo.dir / "etcd"),
-               "--listen-client-urls", demo.etcd, "--advertise-client-urls", demo.etcd,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"demo={peer}", log="etcd.log")
+    demo.spawn(
+        "etcd",
+        "--name",
+        "demo",
+        "--data-dir",
+        str(demo.dir / "etcd"),
+        "--listen-client-urls",
+        demo.etcd,
+        "--advertise-client-urls",
+        demo.etcd,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"demo={peer}",
+        log="etcd.log",
+    )
     wait_for(lambda: demo.etcdctl("endpoint", "health") is not None, "etcd")
-    backends = {"shop-v1-a": free_port(), "shop-v1-b": free_port(),
-                "shop-v2-a": free_port(), "shop-v2-b": free_port(), "blog-v1-a": free_port()}
+    backends = {
+        "shop-v1-a": free_port(),
+        "shop-v1-b": free_port(),
+        "shop-v2-a": free_port(),
+        "shop-v2-b": free_port(),
+        "blog-v1-a": free_port(),
+    }
     for name, port in backends.items():
         demo.spawn(sys.executable, "-c", BACKEND, name, str(port), log=f"{name}.log")
 
     say("2. register two apps and their instances")
-    for line in (demo.routerd("apps", "set", "shop", "--domain", "shop.example.com"),
-                 demo.routerd("apps", "set", "blog", "--domain", "blog.example.com",
-                              "--option", "client_max_body_size=1m")):
+    for line in (
+        demo.routerd("apps", "set", "shop", "--domain", "shop.example.com"),
+        demo.routerd(
+            "apps",
+            "set",
+            "blog",
+            "--domain",
+            "blog.example.com",
+            "--option",
+            "client_max_body_size=1m",
+        ),
+    ):
         print("   " + line)
     for name, port in backends.items():
         app, release, instance = name.split("-")
-        demo.etcdctl("put", f"/routerd/apps/{app}/releases/{release}/{instance}", f"127.0.0.1:{port}")
+        demo.etcdctl(
+            "put", f"/routerd/apps/{app}/releases/{release}/{instance}", f"127.0.0.1:{port}"
+        )
     demo.etcdctl("put", "/routerd/apps/shop/active", "v1")
     demo.etcdctl("put", "/routerd/apps/blog/active", "v1")
-    print("   " + demo.etcdctl("get", "--prefix", "/routerd/apps", "--keys-only").replace("\n\n", "\n   ").strip())
+    print(
+        "   "
+        + demo.etcdctl("get", "--prefix", "/routerd/apps", "--keys-only")
+        .replace("\n\n", "\n   ")
+        .strip()
+    )
 
     say(f"3. routerd run --supervise (nginx on 127.0.0.1:{demo.http})")
-    demo.spawn(sys.executable, "-m", "routerd", "run", "--etcd", demo.etcd,
-               "--nginx-conf", str(demo.dir / "conf" / "nginx.conf"), "--supervise",
-               "--http-listen", f"127.0.0.1:{demo.http}",
-               "--https-listen", f"127.0.0.1:{free_port()}",
-               "--status-listen", f"127.0.0.1:{free_port()}",
-               "--metrics-listen", f"127.0.0.1:{demo.metrics}", "--router-id", "demo",
-               log="routerd.log")
+    demo.spawn(
+        sys.executable,
+        "-m",
+        "routerd",
+        "run",
+        "--etcd",
+        demo.etcd,
+        "--nginx-conf",
+        str(demo.dir / "conf" / "nginx.conf"),
+        "--supervise",
+        "--http-listen",
+        f"127.0.0.1:{demo.http}",
+        "--https-listen",
+        f"127.0.0.1:{free_port()}",
+        "--status-listen",
+        f"127.0.0.1:{free_port()}",
+        "--metrics-listen",
+        f"127.0.0.1:{demo.metrics}",
+        "--router-id",
+        "demo",
+        log="routerd.log",
+    )
     (demo.dir / "conf").mkdir(exist_ok=True)
-    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{demo.metrics}/readyz").status == 200,
-             "routerd to be ready")
+    wait_for(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{demo.metrics}/readyz").status == 200,
+        "routerd to be ready",
+    )
     for host in ("shop.example.com", "blog.example.com", "unknown.example.com"):
         seen = Counter(get(demo.http, host) for _ in range(6))
         print(f"   {host:22s} -> " + ", ".join(f"{s} {b!r} x{n}" for (s, b), n in seen.items()))
@@ -188,7 +243,9 @@ def run(demo: Demo) -> None:
     status = json.loads(demo.etcdctl("get", "--print-value-only", "/routerd/routers/demo"))
     for error in status["errors"]:
         print(f"   rejected {error['key']}: {error['error']}")
-    print(f"   shop -> {get(demo.http, 'shop.example.com')}, blog -> {get(demo.http, 'blog.example.com')}")
+    print(
+        f"   shop -> {get(demo.http, 'shop.example.com')}, blog -> {get(demo.http, 'blog.example.com')}"
+    )
 
     say("5. switch shop from v1 to v2 under traffic (a new connection per request)")
     with traffic(demo.http, "shop.example.com") as results:
@@ -202,11 +259,16 @@ def run(demo: Demo) -> None:
     for second in range(int((results[-1][0] - results[0][0]) // 0.5) + 1):
         start = results[0][0] + second * 0.5
         window = Counter(body for t, _, body in results if start <= t < start + 0.5)
-        print(f"   t+{second * 0.5:3.1f}s  " + "  ".join(f"{b} x{n}" for b, n in sorted(window.items())))
+        print(
+            f"   t+{second * 0.5:3.1f}s  "
+            + "  ".join(f"{b} x{n}" for b, n in sorted(window.items()))
+        )
     failed = [r for r in results if r[1] != 200]
-    print(f"   {len(results)} requests, {len(failed)} failed; first v2 answer "
-          f"{(first_v2 - switched) * 1000:.0f} ms after the put, last v1 answer "
-          f"{(last_v1 - switched) * 1000:.0f} ms after it")
+    print(
+        f"   {len(results)} requests, {len(failed)} failed; first v2 answer "
+        f"{(first_v2 - switched) * 1000:.0f} ms after the put, last v1 answer "
+        f"{(last_v1 - switched) * 1000:.0f} ms after it"
+    )
     say("done; routerd's log follows (see `routerd --help` for more)")
     print((demo.dir / "routerd.log").read_text())
 

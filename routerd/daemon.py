@@ -163,6 +163,7 @@ class Router:
             await self._validate(staged, rendered)
         except ValidationError as exc:
             folder = self.installer.keep_failed_candidate(staged, new_files, str(exc))
+            await asyncio.to_thread(self.installer.collect_garbage)  # its files are in folder
             return self._refuse(rendered, f"{exc} (candidate kept in {folder})")
         if self.backends is not None:  # the new generation loads it as it starts
             entries = table_of(table)
@@ -233,12 +234,16 @@ class Router:
 
     async def _reload(self, generation: str, offset: int) -> None:
         started = time.monotonic()
+        retiring: set[int] = set()
         if self.settings.nginx.supervise and self.nginx.process is None:
             self.nginx.start()
         else:
-            self.nginx.reload()
+            retiring = self.nginx.reload()
         await self.nginx.confirm(
-            generation, offset=offset, timeout=self.settings.nginx.reload_timeout
+            generation,
+            offset=offset,
+            timeout=self.settings.nginx.reload_timeout,
+            retiring=retiring,
         )
         self.metrics.reloads.labels(result="ok").inc()
         self.metrics.reload_seconds.observe(time.monotonic() - started)
@@ -250,13 +255,17 @@ class Router:
         self.metrics.rollbacks.inc()
         folder = self.installer.keep_failed_candidate(self.installer.conf, new_files, str(exc))
         restored = self.installer.restore_previous()
+        await asyncio.to_thread(self.installer.collect_garbage)
         reason = f"reload failed, previous config restored: {exc} (candidate kept in {folder})"
         if restored and self.served is not None:
             offset = self.nginx.error_log_offset()
             try:
-                self.nginx.reload()
+                retiring = self.nginx.reload()
                 await self.nginx.confirm(
-                    self.served, offset=offset, timeout=self.settings.nginx.reload_timeout
+                    self.served,
+                    offset=offset,
+                    timeout=self.settings.nginx.reload_timeout,
+                    retiring=retiring,
                 )
             except ReloadError as again:
                 reason += f"; reloading the previous config failed too: {again}"

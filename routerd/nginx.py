@@ -124,8 +124,9 @@ class Installer:
 
     def keep_failed_candidate(self, staged: Path, new_files: list[Path], reason: str) -> Path:
         """Move a refused candidate aside for inspection; keep only the last few."""
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        folder = self.failed_dir / f"{stamp}-{time.monotonic_ns() % 10**9:09d}"
+        now = time.time_ns()  # names sort by time: the oldest are pruned first
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+        folder = self.failed_dir / f"{stamp}.{now % 10**9:09d}"
         folder.mkdir(parents=True)
         if staged.exists():
             shutil.copy2(staged, folder / self.conf.name)
@@ -241,12 +242,16 @@ class Nginx:
             return []
         return [line for line in text.splitlines() if "[emerg]" in line or "[alert]" in line]
 
-    def reload(self) -> None:
-        """SIGHUP to the master: nginx -s reload would parse the whole config once more."""
+    def reload(self) -> set[int]:
+        """SIGHUP to the master (nginx -s reload would parse the whole config once
+        more); the workers that are to retire."""
+        master = self.master_pid()
+        retiring = {pid for pid in _children(master) if _is_serving_worker(pid)}
         try:
-            os.kill(self.master_pid(), signal.SIGHUP)
+            os.kill(master, signal.SIGHUP)
         except ProcessLookupError as exc:
             raise ReloadError("the nginx master vanished before the reload") from exc
+        return retiring
 
     async def serving(self) -> str | None:
         """The generation the status server answers with, or None when it does not answer."""
@@ -266,12 +271,18 @@ class Nginx:
         head, _, body = response.partition(b"\r\n\r\n")
         return body.strip().decode() if head.startswith(b"HTTP/1.1 200") else None
 
-    async def confirm(self, generation: str, *, offset: int, timeout: float) -> None:
-        """Wait until nginx serves ``generation``; fail fast on an [emerg] line."""
+    async def confirm(
+        self, generation: str, *, offset: int, timeout: float, retiring: set[int] = frozenset()
+    ) -> None:
+        """Wait until nginx serves ``generation`` to every new connection: the new
+        workers answer with it and the ``retiring`` ones stopped accepting (the
+        master keeps them for 100 ms after the new ones start). Fail fast on an
+        [emerg] line."""
         deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
-            if await self.serving() == generation:
+            served = await self.serving() == generation
+            if served and not any(_is_serving_worker(pid) for pid in retiring):
                 return
             if errors := self.errors_since(offset):
                 raise ReloadError(errors[-1])
@@ -283,6 +294,29 @@ class Nginx:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def _children(parent: int) -> list[int]:
+    """Child pids of ``parent``, from /proc (no psutil needed for one field)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rpartition(b")")[2].split()[1]) == parent:
+                children.append(int(entry))
+    return children
+
+
+def _is_serving_worker(pid: int) -> bool:
+    """A worker that still accepts connections (not gone, not shutting down)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return title.startswith(b"nginx: worker process") and b"shutting down" not in title
 
 
 def _connect_address(listen: str) -> tuple[str, int]:

@@ -112,6 +112,7 @@ class Renderer:
         self._shards: dict[int, tuple[list[str], str, str]] = {}  # texts, file name, text
         self._shard_apps: dict[int, list[str]] = {}  # shard -> its apps, in order
         self._context: dict[str, Any] | None = None  # main template context of the last full pass
+        self._certs: dict[str, bytes] = {}  # cert files of the last full pass
 
     def _environment(self) -> jinja2.Environment:
         env = jinja2.Environment(
@@ -138,9 +139,10 @@ class Renderer:
         else:
             self._context = None  # until this full pass succeeds
             shards = self._render_shards(table.apps)
+            self._certs = {cert_path(c): c.pem for app in table.apps for c in app.tls}
             self._context = self._main_context(table)
-        certs = {cert_path(c): c.pem for app in table.apps for c in app.tls}
-        context = {**(self._context or {}), "includes": sorted(shards)}
+        certs = self._certs  # Loader.update never changes certs
+        context = {**(self._context or {}), "includes": sorted(shards), "certs": sorted(certs)}
         body = self._render_template(MAIN_TEMPLATE, generation="0" * 64, **context)
         generation = sha256(body)
         main = self._render_template(MAIN_TEMPLATE, generation=generation, **context)

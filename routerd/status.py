@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from routerd.errors import StoreError
@@ -29,6 +30,7 @@ class StatusWriter:
         self.status: dict[str, Any] | None = None
         self._dirty = asyncio.Event()
         self._lease: Any = None
+        self._refreshed = 0.0  # monotonic time the lease was last granted or refreshed
 
     def update(self, status: dict[str, Any]) -> None:
         self.status = status
@@ -49,17 +51,25 @@ class StatusWriter:
     async def _write_or_refresh(self) -> None:
         if self._lease is None:
             self._lease = await self.store.lease(self.ttl)
+            self._refreshed = time.monotonic()
             self._dirty.set()
         if self._dirty.is_set():
             self._dirty.clear()  # cleared even with no status yet, or the wait below spins
             if self.status is not None:
                 await self.store.put(self.key, json.dumps(self.status).encode(), lease=self._lease)
+        woken = False
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._dirty.wait(), self.ttl / 3)
+            woken = True
+        if woken and time.monotonic() - self._refreshed < self.ttl / 3:
             return
+        # A put does not refresh its lease: refresh on time even while writes keep
+        # coming, or a router that changes often vanishes from routers/ every ttl.
         if await self.store.refresh(self._lease) <= 0:
             log(logger, "status lease expired; granting a new one", logging.WARNING)
             self._lease = None
+            return
+        self._refreshed = time.monotonic()
 
     async def withdraw(self) -> None:
         """On a clean stop: revoke the lease so the router disappears at once."""

@@ -10,6 +10,7 @@ prefix for the model to read.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -169,6 +170,13 @@ class Store:
     async def _call(self, what: str, coro: Any) -> Any:
         try:
             result = await coro
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled: let it
+            # gRPC cancels every call on a channel that another task closed in
+            # fail_over(): for this caller that is a failed call, not a stop.
+            raise StoreError(f"etcd {what} failed: the channel was closed") from exc
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise Compacted(f"{what}: revision compacted at {exc.compacted_revision}") from exc
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as exc:

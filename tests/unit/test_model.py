@@ -29,8 +29,22 @@ class Pki:
 def _openssl_pair(directory: Any) -> tuple[str, str]:
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=x",
-         "-days", "2", "-keyout", str(key), "-out", str(cert)],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=x",
+            "-days",
+            "2",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
         check=True,
         capture_output=True,
     )
@@ -158,22 +172,31 @@ def _config_rows() -> list[Any]:
         _row(CONFIG, json.dumps("shop.example.com"), "must be a JSON object", "json-string"),
         _row(CONFIG, "null", "must be a JSON object", "json-null"),
         _row(CONFIG, cfg(domains=domains, tls=True), "unknown field(s): 'tls'", "unknown-field"),
-        _row(CONFIG, cfg(domains=domains, options={"gzip": True}),
-             "unknown option(s): 'gzip'", "unknown-option"),
-        _row(CONFIG, cfg(domains=domains, options=[]), "options must be an object",
-             "options-list"),
-        _row(CONFIG, cfg(domains=domains, options=None), "options must be an object",
-             "options-null"),
+        _row(
+            CONFIG,
+            cfg(domains=domains, options={"gzip": True}),
+            "unknown option(s): 'gzip'",
+            "unknown-option",
+        ),
+        _row(CONFIG, cfg(domains=domains, options=[]), "options must be an object", "options-list"),
+        _row(
+            CONFIG, cfg(domains=domains, options=None), "options must be an object", "options-null"
+        ),
         _row(CONFIG, cfg(pool="shared"), many, "domains-missing"),
         _row(CONFIG, cfg(domains=[]), many, "domains-empty"),
         _row(CONFIG, cfg(domains="shop.example.com"), many, "domains-string"),
         _row(CONFIG, cfg(domains={"shop.example.com": 1}), many, "domains-object"),
         _row(CONFIG, cfg(domains=None), many, "domains-null"),
-        _row(CONFIG, cfg(domains=[f"d{i}.example.com" for i in range(101)]), many,
-             "domains-101"),
+        _row(CONFIG, cfg(domains=[f"d{i}.example.com" for i in range(101)]), many, "domains-101"),
     ]
-    for name, pool in {"upper": "Shared", "empty": "", "int": 5, "null": None,
-                       "semicolon": "shared;", "space": "sha red"}.items():
+    for name, pool in {
+        "upper": "Shared",
+        "empty": "",
+        "int": 5,
+        "null": None,
+        "semicolon": "shared;",
+        "space": "sha red",
+    }.items():
         rows.append(_row(CONFIG, cfg(domains=domains, pool=pool), "pool", f"pool-{name}"))
     return rows
 
@@ -186,29 +209,64 @@ def _option_rows() -> list[Any]:
     timeouts = ("proxy_connect_timeout", "proxy_read_timeout", "proxy_send_timeout")
     for name in timeouts:
         for bad in (0, 3601, 1.5, "5", True, -1, None, 10**20):
-            rows.append(_row(CONFIG, opt(**{name: bad}), f"options.{name} must be whole seconds",
-                             f"{name}-{bad!r}"))
+            rows.append(
+                _row(
+                    CONFIG,
+                    opt(**{name: bad}),
+                    f"options.{name} must be whole seconds",
+                    f"{name}-{bad!r}",
+                )
+            )
     for name in ("websockets", "https_redirect", "hsts", "maintenance"):
         for bad in ("true", "false", 1, 0, None):
-            rows.append(_row(CONFIG, opt(**{name: bad}), f"options.{name} must be true or false",
-                             f"{name}-{bad!r}"))
-    for bad in ("10mb", "", "-1", 10, "1 m", "10m;", "1234567890", "1.5m", "10M ", "$size",
-                None):
-        rows.append(_row(CONFIG, opt(client_max_body_size=bad),
-                         "options.client_max_body_size must be a size",
-                         f"client_max_body_size-{bad!r}"))
-    for name, bad in {"string": "10.0.0.0/8", "object": {"10.0.0.0/8": 1}, "null": None,
-                      "1001-entries": ["10.0.0.1"] * 1001}.items():
-        rows.append(_row(CONFIG, opt(allow=bad), "options.allow must be a list",
-                         f"allow-{name}"))
-    for bad in ("10.0.0.0/33", "300.0.0.0/8", "10.0.0.0/8;", "any", "", "10.0.0.0/8 ",
-                "10.0.0.0/8\n", "all", "::g/64"):
-        rows.append(_row(CONFIG, opt(allow=["192.168.0.0/16", bad]),
-                         "is not an address or CIDR", f"allow-cidr-{bad!r}"))
+            rows.append(
+                _row(
+                    CONFIG,
+                    opt(**{name: bad}),
+                    f"options.{name} must be true or false",
+                    f"{name}-{bad!r}",
+                )
+            )
+    for bad in ("10mb", "", "-1", 10, "1 m", "10m;", "1234567890", "1.5m", "10M ", "$size", None):
+        rows.append(
+            _row(
+                CONFIG,
+                opt(client_max_body_size=bad),
+                "options.client_max_body_size must be a size",
+                f"client_max_body_size-{bad!r}",
+            )
+        )
+    for name, bad in {
+        "string": "10.0.0.0/8",
+        "object": {"10.0.0.0/8": 1},
+        "null": None,
+        "1001-entries": ["10.0.0.1"] * 1001,
+    }.items():
+        rows.append(_row(CONFIG, opt(allow=bad), "options.allow must be a list", f"allow-{name}"))
+    for bad in (
+        "10.0.0.0/33",
+        "300.0.0.0/8",
+        "10.0.0.0/8;",
+        "any",
+        "",
+        "10.0.0.0/8 ",
+        "10.0.0.0/8\n",
+        "all",
+        "::g/64",
+    ):
+        rows.append(
+            _row(
+                CONFIG,
+                opt(allow=["192.168.0.0/16", bad]),
+                "is not an address or CIDR",
+                f"allow-cidr-{bad!r}",
+            )
+        )
     rows.append(_row(CONFIG, opt(allow=[10]), "is not a string", "allow-cidr-int"))
     for bad in ("fe80::%eth0/64", "fe80::1%a;b/128"):
-        rows.append(_row(CONFIG, opt(allow=[bad]), "must not carry a scope id",
-                         f"allow-cidr-scope-{bad!r}"))
+        rows.append(
+            _row(CONFIG, opt(allow=[bad]), "must not carry a scope id", f"allow-cidr-scope-{bad!r}")
+        )
     return rows
 
 
@@ -272,30 +330,74 @@ def _name_rows() -> list[Any]:
     good_instance = "10.0.0.3:5000"
     rows = []
     for name in ("-v1", ".v1", "_v1", "v 1", "v;1", "v$1", "v{1}", "v'1", "v\n1", "vé", "v" * 64):
-        rows.append(_row(f"apps/shop/releases/{name}/web.1", good_instance,
-                         f"release name {name!r}", f"release-{name!r}"))
-    for name in ("-web", ".web", "_web", "", "web 1", "web;1", "web$1", "web{1}", 'web"1',
-                 "web\n1", "wéb", "w" * 64):
-        rows.append(_row(f"apps/shop/releases/v1/{name}", good_instance,
-                         f"instance name {name!r}", f"instance-name-{name!r}"))
+        rows.append(
+            _row(
+                f"apps/shop/releases/{name}/web.1",
+                good_instance,
+                f"release name {name!r}",
+                f"release-{name!r}",
+            )
+        )
+    for name in (
+        "-web",
+        ".web",
+        "_web",
+        "",
+        "web 1",
+        "web;1",
+        "web$1",
+        "web{1}",
+        'web"1',
+        "web\n1",
+        "wéb",
+        "w" * 64,
+    ):
+        rows.append(
+            _row(
+                f"apps/shop/releases/v1/{name}",
+                good_instance,
+                f"instance name {name!r}",
+                f"instance-name-{name!r}",
+            )
+        )
     own = cfg(domains=["bad-name.example.com"])
     for name in ("Shop", "-shop", "shop-", "sh_op", "sh.op", "sh op", "shöp", "a" * 64, ""):
         rows.append(_row(f"apps/{name}/config", own, f"app name {name!r}", f"app-name-{name!r}"))
-    rows.append(_row("apps/Shop/releases/v1/web.1", good_instance, "app name 'Shop'",
-                     "app-name-on-instance-key"))
-    rows.append(_row("apps/shop/releases/v1/web.1/extra", good_instance,
-                     "not a key of the routerd layout", "layout-too-deep"))
-    rows.append(_row("apps/shop/config/extra", own, "not a key of the routerd layout",
-                     "layout-under-config"))
-    rows.append(_row("apps/shop/releases/v1", good_instance, "not a key of the routerd layout",
-                     "layout-release-without-instance"))
+    rows.append(
+        _row(
+            "apps/Shop/releases/v1/web.1",
+            good_instance,
+            "app name 'Shop'",
+            "app-name-on-instance-key",
+        )
+    )
+    rows.append(
+        _row(
+            "apps/shop/releases/v1/web.1/extra",
+            good_instance,
+            "not a key of the routerd layout",
+            "layout-too-deep",
+        )
+    )
+    rows.append(
+        _row(
+            "apps/shop/config/extra", own, "not a key of the routerd layout", "layout-under-config"
+        )
+    )
+    rows.append(
+        _row(
+            "apps/shop/releases/v1",
+            good_instance,
+            "not a key of the routerd layout",
+            "layout-release-without-instance",
+        )
+    )
     return rows
 
 
 def _active_rows() -> list[Any]:
     rows = []
-    for bad in (b"-v1", b"v 1", b"", b"v1;", b"v1\nv2", b"$v1", b"\xff\xfe", b"v" * 64,
-                b'"v1"'):
+    for bad in (b"-v1", b"v 1", b"", b"v1;", b"v1\nv2", b"$v1", b"\xff\xfe", b"v" * 64, b'"v1"'):
         rows.append(_row(ACTIVE, bad, "active release", f"active-{bad!r}"))
     return rows
 
@@ -311,24 +413,46 @@ def _cert_rows() -> list[Any]:
         _row(CERT, lambda p: json.dumps([p.cert_a, p.key_a]), exactly, "cert-json-list"),
         _row(CERT, lambda p: json.dumps({"cert": p.cert_a}), exactly, "cert-missing-key"),
         _row(CERT, lambda p: json.dumps({"key": p.key_a}), exactly, "cert-missing-cert"),
-        _row(CERT, lambda p: json.dumps({"cert": p.cert_a, "key": p.key_a, "chain": ""}),
-             exactly, "cert-extra-field"),
-        _row(CERT, lambda p: json.dumps({"cert": 5, "key": p.key_a}), "must be PEM strings",
-             "cert-not-string"),
-        _row(CERT, lambda p: cert_json("hello", p.key_a), "holds no PEM certificate",
-             "cert-no-pem"),
-        _row(CERT, lambda p: cert_json(p.cert_a, "hello"), "holds no PEM private key",
-             "key-no-pem"),
+        _row(
+            CERT,
+            lambda p: json.dumps({"cert": p.cert_a, "key": p.key_a, "chain": ""}),
+            exactly,
+            "cert-extra-field",
+        ),
+        _row(
+            CERT,
+            lambda p: json.dumps({"cert": 5, "key": p.key_a}),
+            "must be PEM strings",
+            "cert-not-string",
+        ),
+        _row(
+            CERT, lambda p: cert_json("hello", p.key_a), "holds no PEM certificate", "cert-no-pem"
+        ),
+        _row(
+            CERT, lambda p: cert_json(p.cert_a, "hello"), "holds no PEM private key", "key-no-pem"
+        ),
         _row(CERT, lambda p: cert_json(garbage_cert, p.key_a), pair, "cert-garbage-pem"),
         _row(CERT, lambda p: cert_json(p.cert_a, garbage_key), pair, "key-garbage-pem"),
         _row(CERT, lambda p: cert_json(p.cert_a[:-200], p.key_a), pair, "cert-truncated"),
         _row(CERT, lambda p: cert_json(p.cert_a, p.key_b), pair, "cert-key-mismatch"),
-        _row(CERT, lambda p: cert_json(p.key_a, p.cert_a) + " ", "holds no PEM certificate",
-             "cert-and-key-swapped"),
-        _row("certs/Shop.example.com", lambda p: cert_json(p.cert_b, p.key_b), NOT_HOST,
-             "cert-domain-uppercase"),
-        _row("certs/shop.example.com;", lambda p: cert_json(p.cert_b, p.key_b), NOT_HOST,
-             "cert-domain-semicolon"),
+        _row(
+            CERT,
+            lambda p: cert_json(p.key_a, p.cert_a) + " ",
+            "holds no PEM certificate",
+            "cert-and-key-swapped",
+        ),
+        _row(
+            "certs/Shop.example.com",
+            lambda p: cert_json(p.cert_b, p.key_b),
+            NOT_HOST,
+            "cert-domain-uppercase",
+        ),
+        _row(
+            "certs/shop.example.com;",
+            lambda p: cert_json(p.cert_b, p.key_b),
+            NOT_HOST,
+            "cert-domain-semicolon",
+        ),
     ]
 
 
@@ -440,21 +564,25 @@ def test_wildcard_domain_and_duplicate_domains_in_one_app() -> None:
 def test_names_at_their_length_limits_are_accepted() -> None:
     """App names of 63 chars and release/instance names of 63 chars are valid."""
     app, release, instance = "a" * 63, "R" * 63, "i" * 63
-    table = load({
-        f"apps/{app}/config": cfg(domains=["long.example.com"]),
-        f"apps/{app}/releases/{release}/{instance}": "10.0.0.1:1",
-        f"apps/{app}/active": release,
-    })
+    table = load(
+        {
+            f"apps/{app}/config": cfg(domains=["long.example.com"]),
+            f"apps/{app}/releases/{release}/{instance}": "10.0.0.1:1",
+            f"apps/{app}/active": release,
+        }
+    )
     assert table.errors == ()
     assert table.apps[0].instances == (Instance(release, instance, "10.0.0.1", 1),)
 
 
 def test_ipv6_instance_is_normalised() -> None:
     """A bracketed IPv6 host is rewritten in its compressed lowercase form."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/releases/v1/web.1": "[2001:DB8:0:0:0:0:0:1]:65535",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/releases/v1/web.1": "[2001:DB8:0:0:0:0:0:1]:65535",
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert shop.instances == (Instance("v1", "web.1", "[2001:db8::1]", 65535),)
@@ -463,11 +591,13 @@ def test_ipv6_instance_is_normalised() -> None:
 
 def test_dns_host_is_lowercased() -> None:
     """A DNS instance host is lowercased; an IPv4 host is kept as given."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/releases/v1/web.1": "Web-1.Internal.Example:8080",
-        "apps/shop/releases/v1/web.2": "10.0.0.2:1",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/releases/v1/web.1": "Web-1.Internal.Example:8080",
+            "apps/shop/releases/v1/web.2": "10.0.0.2:1",
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert [i.address for i in shop.instances] == ["web-1.internal.example:8080", "10.0.0.2:1"]
@@ -475,14 +605,16 @@ def test_dns_host_is_lowercased() -> None:
 
 def test_active_release_routes_only_its_instances() -> None:
     """With `active` set, only the instances of that release are routed."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
-        "apps/shop/releases/v1/web.2": "10.0.0.2:5000",
-        "apps/shop/releases/v2/web.1": "10.0.0.3:5000",
-        "apps/shop/releases/v2/web.2": "10.0.0.4:5000",
-        "apps/shop/active": "v2",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
+            "apps/shop/releases/v1/web.2": "10.0.0.2:5000",
+            "apps/shop/releases/v2/web.1": "10.0.0.3:5000",
+            "apps/shop/releases/v2/web.2": "10.0.0.4:5000",
+            "apps/shop/active": "v2",
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert shop.instances == (
@@ -493,11 +625,13 @@ def test_active_release_routes_only_its_instances() -> None:
 
 def test_active_release_without_instances_routes_nothing() -> None:
     """An `active` release that has no instance leaves the app with none (a 503, SPEC 3)."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
-        "apps/shop/active": "v2",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
+            "apps/shop/active": "v2",
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert shop.instances == ()
@@ -505,16 +639,20 @@ def test_active_release_without_instances_routes_nothing() -> None:
 
 def test_no_active_routes_every_release() -> None:
     """Without `active`, every instance of every release is routed, sorted by release, name."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/releases/v2/web.1": "10.0.0.3:5000",
-        "apps/shop/releases/v1/web.2": "10.0.0.2:5000",
-        "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/releases/v2/web.1": "10.0.0.3:5000",
+            "apps/shop/releases/v1/web.2": "10.0.0.2:5000",
+            "apps/shop/releases/v1/web.1": "10.0.0.1:5000",
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert [(i.release, i.name) for i in shop.instances] == [
-        ("v1", "web.1"), ("v1", "web.2"), ("v2", "web.1"),
+        ("v1", "web.1"),
+        ("v1", "web.2"),
+        ("v2", "web.1"),
     ]
 
 
@@ -533,43 +671,54 @@ def test_instances_without_config_are_not_routed() -> None:
 
 def test_other_keys_are_ignored() -> None:
     """routers/, hosts/ and unknown keys under an app are not routing input and not errors."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/shop/deploys/42": "whatever;{}",
-        "routers/r1": "{}",
-        "hosts/h1": "not json",
-        "unrelated": "x",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/shop/deploys/42": "whatever;{}",
+            "routers/r1": "{}",
+            "hosts/h1": "not json",
+            "unrelated": "x",
+        }
+    )
     assert names(table) == ["shop"]
     assert table.errors == ()
 
 
 def test_pool_filtering() -> None:
     """Apps of another pool are absent; apps without a pool are in the shared pool."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/blog/config": cfg(domains=["blog.example.com"], pool="shared"),
-        "apps/big/config": cfg(domains=["big.example.com"], pool="dedicated-1"),
-        "apps/big/releases/v1/web.1": "10.0.0.1:5000",
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com"]),
+            "apps/blog/config": cfg(domains=["blog.example.com"], pool="shared"),
+            "apps/big/config": cfg(domains=["big.example.com"], pool="dedicated-1"),
+            "apps/big/releases/v1/web.1": "10.0.0.1:5000",
+        }
+    )
     assert names(table) == ["blog", "shop"]
     assert table.errors == ()
-    dedicated = Loader(prefix=PREFIX, pool="dedicated-1").load(snapshot({
-        "apps/shop/config": cfg(domains=["shop.example.com"]),
-        "apps/big/config": cfg(domains=["big.example.com"], pool="dedicated-1"),
-    }))
+    dedicated = Loader(prefix=PREFIX, pool="dedicated-1").load(
+        snapshot(
+            {
+                "apps/shop/config": cfg(domains=["shop.example.com"]),
+                "apps/big/config": cfg(domains=["big.example.com"], pool="dedicated-1"),
+            }
+        )
+    )
     assert names(dedicated) == ["big"]
 
 
 def test_duplicate_domain_goes_to_first_created_config() -> None:
     """A contested domain goes to the config with the lowest create_revision, not the
     first name, and the other app's claim is reported on its config key."""
-    table = load({
-        "apps/aaa/config": KeyValue(cfg(domains=["x.example.com", "a.example.com"]).encode(),
-                                    20, 20),
-        "apps/zzz/config": KeyValue(cfg(domains=["x.example.com"]).encode(), 10, 30),
-        "apps/solo/config": KeyValue(cfg(domains=["a.example.com"]).encode(), 15, 15),
-    })
+    table = load(
+        {
+            "apps/aaa/config": KeyValue(
+                cfg(domains=["x.example.com", "a.example.com"]).encode(), 20, 20
+            ),
+            "apps/zzz/config": KeyValue(cfg(domains=["x.example.com"]).encode(), 10, 30),
+            "apps/solo/config": KeyValue(cfg(domains=["a.example.com"]).encode(), 15, 15),
+        }
+    )
     assert names(table) == ["solo", "zzz"]  # aaa lost every domain: not served
     assert table.app("zzz").domains == ("x.example.com",)  # type: ignore[union-attr]
     assert sorted((r.key, r.error) for r in table.errors) == [
@@ -580,11 +729,14 @@ def test_duplicate_domain_goes_to_first_created_config() -> None:
 
 def test_duplicate_domain_partial_loss_keeps_other_domains() -> None:
     """An app that loses one contested domain keeps serving its other domains."""
-    table = load({
-        "apps/first/config": KeyValue(cfg(domains=["x.example.com"]).encode(), 1, 1),
-        "apps/second/config": KeyValue(
-            cfg(domains=["x.example.com", "y.example.com"]).encode(), 2, 2),
-    })
+    table = load(
+        {
+            "apps/first/config": KeyValue(cfg(domains=["x.example.com"]).encode(), 1, 1),
+            "apps/second/config": KeyValue(
+                cfg(domains=["x.example.com", "y.example.com"]).encode(), 2, 2
+            ),
+        }
+    )
     assert names(table) == ["first", "second"]
     assert table.app("first").domains == ("x.example.com",)  # type: ignore[union-attr]
     assert table.app("second").domains == ("y.example.com",)  # type: ignore[union-attr]
@@ -596,19 +748,30 @@ def test_last_valid_value_is_kept_when_a_key_turns_bad() -> None:
     """A config and an instance that turn bad are still served as they last were."""
     loader = Loader(prefix=PREFIX, pool=POOL)
     good_config = cfg(domains=["shop.example.com"], options={"proxy_read_timeout": 90})
-    first = loader.load(Snapshot(10, {
-        "apps/shop/config": KeyValue(good_config.encode(), 5, 5),
-        "apps/shop/releases/v1/web.1": KeyValue(b"10.0.0.1:5000", 6, 6),
-    }))
+    first = loader.load(
+        Snapshot(
+            10,
+            {
+                "apps/shop/config": KeyValue(good_config.encode(), 5, 5),
+                "apps/shop/releases/v1/web.1": KeyValue(b"10.0.0.1:5000", 6, 6),
+            },
+        )
+    )
     assert first.errors == ()
-    second = loader.load(Snapshot(20, {
-        "apps/shop/config": KeyValue(cfg(domains=["Bad;"]).encode(), 5, 19),
-        "apps/shop/releases/v1/web.1": KeyValue(b"10.0.0.1;:5000", 6, 20),
-    }))
+    second = loader.load(
+        Snapshot(
+            20,
+            {
+                "apps/shop/config": KeyValue(cfg(domains=["Bad;"]).encode(), 5, 19),
+                "apps/shop/releases/v1/web.1": KeyValue(b"10.0.0.1;:5000", 6, 20),
+            },
+        )
+    )
     assert second.revision == 20
     assert second.apps == first.apps
     assert {r.key for r in second.errors} == {
-        "/routerd/apps/shop/config", "/routerd/apps/shop/releases/v1/web.1",
+        "/routerd/apps/shop/config",
+        "/routerd/apps/shop/releases/v1/web.1",
     }
 
 
@@ -668,11 +831,13 @@ def test_instance_deleted_then_readded_bad_is_not_served() -> None:
 
 def test_valid_cert_is_served_over_tls(pki: Pki) -> None:
     """A valid pair for one of an app's domains appears in App.tls and leaves plain_domains."""
-    table = load({
-        "apps/shop/config": cfg(domains=["shop.example.com", "www.shop.example.com"]),
-        "certs/shop.example.com": cert_json(pki.cert_a, pki.key_a),
-        "certs/unclaimed.example.com": cert_json(pki.cert_b, pki.key_b),
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["shop.example.com", "www.shop.example.com"]),
+            "certs/shop.example.com": cert_json(pki.cert_a, pki.key_a),
+            "certs/unclaimed.example.com": cert_json(pki.cert_b, pki.key_b),
+        }
+    )
     assert table.errors == ()
     shop = table.app("shop")
     assert shop is not None
@@ -685,10 +850,12 @@ def test_valid_cert_is_served_over_tls(pki: Pki) -> None:
 
 def test_wildcard_cert_matches_wildcard_domain(pki: Pki) -> None:
     """A cert stored under a wildcard domain secures the app's identical wildcard domain."""
-    table = load({
-        "apps/shop/config": cfg(domains=["*.shop.example.org"]),
-        "certs/*.shop.example.org": cert_json(pki.cert_a, pki.key_a),
-    })
+    table = load(
+        {
+            "apps/shop/config": cfg(domains=["*.shop.example.org"]),
+            "certs/*.shop.example.org": cert_json(pki.cert_a, pki.key_a),
+        }
+    )
     shop = table.app("shop")
     assert shop is not None
     assert [c.domain for c in shop.tls] == ["*.shop.example.org"]

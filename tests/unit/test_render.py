@@ -28,7 +28,13 @@ LAYOUT = Layout(
 UPDATE = os.environ.get("ROUTERD_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.parent.name for p in GOLDEN.glob("*/input.json"))
 EXPECTED_CASES = [
-    "active_release", "allow_list", "basic", "empty", "https", "maintenance", "no_instances",
+    "active_release",
+    "allow_list",
+    "basic",
+    "empty",
+    "https",
+    "maintenance",
+    "no_instances",
     "options",
 ]
 
@@ -149,8 +155,17 @@ def test_q_refuses_booleans() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    ["shop.example.com", "*.shop.example.org", "[2001:db8::1]:8080", "10.0.0.0/8", "100m", 60,
-     "127.0.0.1:8080", "routerd/certs/0123abcd.pem", "1a2b3c4d-shop"],
+    [
+        "shop.example.com",
+        "*.shop.example.org",
+        "[2001:db8::1]:8080",
+        "10.0.0.0/8",
+        "100m",
+        60,
+        "127.0.0.1:8080",
+        "routerd/certs/0123abcd.pem",
+        "1a2b3c4d-shop",
+    ],
 )
 def test_q_passes_validated_values(value: Any) -> None:
     """q returns the text of every kind of value the model can produce, unchanged."""
@@ -158,7 +173,7 @@ def test_q_passes_validated_values(value: Any) -> None:
 
 
 SMUGGLED = {
-    "domain": {"domains": ("shop.example.com;", )},
+    "domain": {"domains": ("shop.example.com;",)},
     "instance": {"instances": (Instance("v1", "web.1", "10.0.0.1;", 80),)},
     "allow": {"options": Options(allow=("10.0.0.0/8; allow all",))},
     "body-size": {"options": Options(client_max_body_size="1m;")},
@@ -169,9 +184,7 @@ SMUGGLED = {
 @pytest.mark.parametrize("change", list(SMUGGLED.values()), ids=list(SMUGGLED))
 def test_unvalidated_app_never_renders(change: dict[str, Any]) -> None:
     """An App built around the Loader with a smuggled value makes the render fail, not leak."""
-    app = App(
-        "shop", ("shop.example.com",), Options(), (Instance("v1", "web.1", "10.0.0.1", 80),)
-    )
+    app = App("shop", ("shop.example.com",), Options(), (Instance("v1", "web.1", "10.0.0.1", 80),))
     table = RoutingTable(1, (dataclasses.replace(app, **change),))
     with pytest.raises(RenderError, match="refusing to render unsafe value"):
         Renderer(TEMPLATES, LAYOUT).render(table)
@@ -249,8 +262,11 @@ def test_template_syntax_error_names_file_and_line(tmp_path: Path, template: str
     [
         (APP_TEMPLATE, "{{ app.name | q }} {{ no_such_name }}\n", "no_such_name"),
         (APP_TEMPLATE, "{{ app.no_such_field }}\n", "no_such_field"),
-        (APP_TEMPLATE, "{% set o = app.options %}{% if o.no_such_option %}x{% endif %}\n",
-         "no_such_option"),
+        (
+            APP_TEMPLATE,
+            "{% set o = app.options %}{% if o.no_such_option %}x{% endif %}\n",
+            "no_such_option",
+        ),
         (MAIN_TEMPLATE, "{{ layout.http_listen }} {{ no_such_name }}\n", "no_such_name"),
     ],
 )
