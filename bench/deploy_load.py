@@ -13,7 +13,7 @@ counted apart. Figures:
   containers' start-and-health time (step 1) and the drain, target < 2 s;
   also the wall time per deploy, which adds the Python start of the CLI.
 
-    python bench/deploy_load.py [--rate 400] [--deploys 20] [--drain 1]
+    python bench/deploy_load.py [--rate 400] [--deploys 20] [--drain 2] [--dynamic-backends off]
 """
 
 from __future__ import annotations
@@ -127,6 +127,22 @@ class Load:
         return [s for s in self.samples if start <= s.started < end]
 
 
+def listen_overflows() -> int:
+    """The kernel's count of SYNs dropped on full listen queues (system-wide).
+
+    The test app is busybox httpd, whose listen backlog is 9: when it is
+    starved of CPU for a moment, SYNs overflow and the client's kernel (here
+    nginx's, connecting upstream) retries after 1 s. No request fails, but
+    such a request takes a second; this counter tells them apart.
+    """
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        fields = dict(zip(names.split(), values.split(), strict=False))
+        if "ListenOverflows" in fields:
+            return int(fields["ListenOverflows"])
+    return 0
+
+
 def _ms(started: float) -> float:
     return (time.monotonic() - started) * 1000
 
@@ -159,13 +175,17 @@ def run_deploy(bench: Bench, args: argparse.Namespace, number: int) -> DeployFig
 
 def describe(name: str, samples: list[Sample], seconds: float) -> str:
     ok = [s.latency_ms for s in samples if s.status is not None and 200 <= s.status < 300]
-    non2xx = sum(1 for s in samples if s.status is not None and not 200 <= s.status < 300)
+    non2xx = collections.Counter(
+        s.status for s in samples if s.status is not None and not 200 <= s.status < 300
+    )
     errors = collections.Counter(s.error for s in samples if s.error)
     return (
         f"{name}: {len(samples)} requests in {seconds:.1f} s ({len(samples) / seconds:.0f} req/s), "
-        f"non-2xx {non2xx}, errors {sum(errors.values())} {dict(errors) or ''}\n"
+        f"non-2xx {sum(non2xx.values())} {dict(non2xx) or ''}, "
+        f"errors {sum(errors.values())} {dict(errors) or ''}\n"
         f"    latency p50 {statistics.median(ok):.1f} ms, p99 {percentile(ok, 99):.1f} ms, "
-        f"max {max(ok):.1f} ms"
+        f"max {max(ok):.1f} ms; over 100 ms: {sum(1 for v in ok if v > 100)}, "
+        f"over 1 s: {sum(1 for v in ok if v > 1000)}"
     )
 
 
@@ -174,8 +194,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=400, help="requests per second")
     parser.add_argument("--deploys", type=int, default=20)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--drain", type=float, default=1.0)
+    parser.add_argument("--drain", type=float, default=2.0, help="as routerd deploy")
     parser.add_argument("--baseline", type=float, default=10.0, help="quiet seconds measured")
+    parser.add_argument(
+        "--dynamic-backends",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the router's mode: off makes every switch a reload",
+    )
     args = parser.parse_args()
 
     import docker
@@ -185,7 +211,7 @@ def main() -> None:
     remove_app_containers(client, APP)
     with Bench(backend_ports=1) as bench:
         bench.put_many({f"/routerd/apps/{APP}/config": json.dumps({"domains": [HOST]})})
-        bench.start_routerd()
+        bench.start_routerd("--dynamic-backends", args.dynamic_backends)
         bench.wait_ready()
         try:
             run_deploy(bench, args, 0)  # the first release, not measured
@@ -202,18 +228,24 @@ def measure(bench: Bench, args: argparse.Namespace) -> None:
     time.sleep(args.baseline)
     quiet_end = time.monotonic()
     reloads_before = bench.metric('routerd_reloads_total{result="ok"}')
+    overflows_before = listen_overflows()
     figures = [run_deploy(bench, args, n) for n in range(1, args.deploys + 1)]
     deploys_end = time.monotonic()
     reloads = bench.metric('routerd_reloads_total{result="ok"}') - reloads_before
+    overflows = listen_overflows() - overflows_before
     resets_during = load.keepalive_resets
     load.stop()
 
     during = load.window(quiet_end, deploys_end)
     releases = {s.body.split()[1] for s in during if s.status == 200 and s.body.split()[1:]}
-    print(f"connection-per-request load at {args.rate:g} req/s; {args.replicas} replicas")
+    print(
+        f"connection-per-request load at {args.rate:g} req/s; {args.replicas} replicas; "
+        f"router --dynamic-backends {args.dynamic_backends}"
+    )
     print(describe("quiet baseline", load.window(quiet_start, quiet_end), args.baseline))
     print(describe(f"during {args.deploys} deploys", during, deploys_end - quiet_end))
     print(f"    releases that answered: {len(releases)}; nginx reloads: {reloads:g}")
+    print(f"    SYNs dropped on full listen queues (system-wide): {overflows}")
     print(
         f"keep-alive clients ({load.keepalive}, counted apart): {load.keepalive_requests} "
         f"requests, {resets_during} connection resets, {load.keepalive_non2xx} non-2xx"

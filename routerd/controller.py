@@ -9,130 +9,35 @@
     6 destroy   drain, then remove the old release's keys and containers
 
 A later release registers while ``active`` still names the old one, so the
-routers render nothing new until the switch: one reload per deploy. The first
-release of an app becomes active as it registers (nothing to switch from).
+routers render nothing new until the switch: at most one reload per deploy.
+The first release of an app becomes active as it registers (nothing to
+switch from). One deploy per app at a time: ``releases.Lock``.
 
-A ``Journal`` records what was done. A failure, or an interruption, up to the
-end of the drain is undone in reverse order: ``active`` back (and the routers
-waited for, so nothing routes to a container about to stop), instances
-deregistered, new containers removed. After the drain step 6 only removes
-what nothing routes to any more, and it is not interrupted. Talks to etcd
-through ``Store`` and to containers through ``Runtime`` only; never to nginx.
+A ``Journal`` records what was done. A failure, or an interruption (the CLI
+cancels the task), up to the end of the drain is undone by ``routerd.undo``.
+After the drain step 6 only removes what nothing routes to any more, and it
+is not interrupted. Talks to etcd through ``Store`` and to containers through
+``Runtime`` only; never to nginx.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from routerd import releases, routers
-from routerd.errors import DeployError, RouterdError, StoreError
+from routerd.errors import DeployError
 from routerd.model import APP_NAME, RELEASE_NAME
+from routerd.plan import DeployOptions, DeployReport, Journal, Plan
+from routerd.progress import Progress, Say, StepFailed
 from routerd.releases import Lock, Release, ReleaseSpec, app_key
-from routerd.runtime import Container, ContainerSpec, Runtime, wait_healthy
+from routerd.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
 from routerd.store import Check, Delete, Put, Store
+from routerd.undo import Undo
 
-Say = Callable[[str], None]
-STEPS = 6
-
-
-@dataclass(frozen=True)
-class DeployOptions:
-    health_timeout: float = 30.0
-    drain: float = 2.0
-    router_timeout: float = 30.0
-    wait_routers: bool = True
-    stop_timeout: float = 10.0
-    lock_ttl: int = 10
-    rollback_timeout: float = 30.0
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The deploy as decided from etcd once the lock is held."""
-
-    app: str
-    release: Release
-    pool: str
-    active: str | None
-    active_mod: int  # mod revision of ``active``; 0 when there is none
-    registered: frozenset[str]  # releases with instances, other than the new one
-    served_by: dict[str, str]  # router id -> config hash before the deploy
-
-    @property
-    def first(self) -> bool:
-        return self.active is None and not self.registered
-
-    @property
-    def old(self) -> list[str]:
-        return sorted(self.registered | ({self.active} if self.active else set()))
-
-
-@dataclass
-class Journal:
-    """What the deploy did so far: what a rollback must undo."""
-
-    threads: list[asyncio.Future[Any]] = field(default_factory=list)
-    containers: list[Container] = field(default_factory=list)
-    registered: bool = False  # the register transaction was sent (outcome may be unknown)
-    switched: bool = False  # the switch transaction was sent
-    committed: bool = False  # the drain is over: no way back
-
-
-@dataclass(frozen=True)
-class DeployReport:
-    app: str
-    release: str
-    previous: str | None
-    durations: dict[str, float]
-    total: float
-
-
-class StepFailed(DeployError):
-    def __init__(self, number: int, name: str, reason: str) -> None:
-        super().__init__(f"step {number} ({name}) failed: {reason}")
-        self.number, self.name, self.reason = number, name, reason
-
-
-class Progress:
-    """One line when a step starts, one when it ends, with its duration."""
-
-    def __init__(self, say: Say) -> None:
-        self.say = say
-        self.durations: dict[str, float] = {}
-
-    @contextlib.asynccontextmanager
-    async def step(self, number: int, name: str, what: str) -> AsyncIterator[list[str]]:
-        self.say(f"[{number}/{STEPS}] {name}: {what}")
-        started, notes = time.monotonic(), list[str]()
-        try:
-            yield notes
-        except asyncio.CancelledError:
-            self.say(f"[{number}/{STEPS}] {name}: interrupted after {_since(started)}")
-            raise
-        except RouterdError as exc:
-            reason = brief(exc)
-            self.say(f"[{number}/{STEPS}] {name}: failed after {_since(started)}: {reason}")
-            raise StepFailed(number, name, reason) from exc
-        self.durations[name] = time.monotonic() - started
-        detail = f" ({'; '.join(notes)})" if notes else ""
-        self.say(f"[{number}/{STEPS}] {name}: done in {_since(started)}{detail}")
-
-
-def _since(started: float) -> str:
-    return f"{time.monotonic() - started:.2f} s"
-
-
-def brief(exc: BaseException) -> str:
-    """One line for a person: gRPC errors print as several lines of internals."""
-    cause = exc.__cause__
-    if isinstance(exc, StoreError) and callable(getattr(cause, "details", None)):
-        return f"etcd unreachable ({cause.code().name}: {cause.details()})"  # type: ignore[union-attr]
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+__all__ = ["DeployOptions", "DeployReport", "Deployer"]
 
 
 def check_names(app: str, release: str) -> None:
@@ -153,6 +58,7 @@ class Deployer:
         self.options = options
         self.say = say
         self.interruptible = True  # False while rolling back or finishing step 6
+        self.undo = Undo(store, runtime, options, say)
 
     # -- entry points
 
@@ -267,7 +173,7 @@ class Deployer:
         )
         async with progress.step(1, "start", what) as notes:
             await self._thread(journal, self.runtime.check_image, spec.image)
-            await _all(self._start_one(plan, i, journal) for i in range(spec.replicas))
+            await run_all(self._start_one(plan, i, journal) for i in range(spec.replicas))
             notes.append("healthy at " + ", ".join(c.address for c in journal.containers))
 
     async def _start_one(self, plan: Plan, index: int, journal: Journal) -> None:
@@ -316,7 +222,7 @@ class Deployer:
     async def _confirm(self, plan: Plan, revision: int, progress: Progress) -> None:
         if not self.options.wait_routers:
             for number, name in ((3, "render"), (4, "reload")):
-                self.say(f"[{number}/{STEPS}] {name}: skipped (--no-wait-routers)")
+                progress.line(number, name, "skipped (--no-wait-routers)")
             return
         what = f"waiting for the routers of pool {plan.pool} to process revision {revision}"
         async with progress.step(3, "render", what) as notes:
@@ -336,7 +242,7 @@ class Deployer:
     async def _switch(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> None:
         new = plan.release
         if plan.first:
-            self.say(f"[5/{STEPS}] switch: nothing to switch from; {new.name} is active already")
+            progress.line(5, "switch", f"nothing to switch from; {new.name} is active already")
             return
         what = f"active {plan.active or '(none)'} -> {new.name}"
         async with progress.step(5, "switch", what) as notes:
@@ -372,14 +278,8 @@ class Deployer:
             ops += releases.prune_ops(known, {plan.release.name, *old}, plan.app)
             if ops:
                 await self.store.transaction([], ops)
-            removed = await self._remove_containers(plan.app, old)
+            removed = await remove_release(self.runtime, plan.app, old, self.options.stop_timeout)
             notes.append(f"{removed} container(s) removed")
-
-    async def _remove_containers(self, app: str, names: list[str]) -> int:
-        found = [c for name in names for c in await asyncio.to_thread(self.runtime.list, app, name)]
-        timeout = self.options.stop_timeout
-        await _all(asyncio.to_thread(self.runtime.remove, c, timeout=timeout) for c in found)
-        return len(found)
 
     async def _why_refused(self, plan: Plan, lock: Lock) -> str:
         snapshot = await self.store.range(app_key(plan.app, ""))
@@ -394,69 +294,9 @@ class Deployer:
             f"{plan.active_mod} that this deploy read; it names {now}); giving up"
         )
 
-    # -- undoing
-
     async def _roll_back(self, plan: Plan, journal: Journal) -> list[str]:
-        """Undo what the journal says was done; what could not be undone, in words."""
         self.interruptible = False
-        started, left = time.monotonic(), []
-        deadline = started + self.options.rollback_timeout
-        self.say(f"rollback: undoing the deploy of {plan.app} {plan.release.name}")
-        if journal.threads:  # runtime calls an interruption left running
-            await asyncio.wait(journal.threads, timeout=60)
-        if journal.switched or (journal.registered and plan.first):
-            restore = lambda: self._restore_active(plan)  # noqa: E731
-            left += await self._etcd_undo("restore active", restore, deadline)
-        if journal.registered:
-            left += await self._etcd_undo("deregister", lambda: self._deregister(plan), deadline)
-        try:
-            removed = await self._remove_containers(plan.app, [plan.release.name])
-            self.say(f"rollback: removed {removed} container(s) of {plan.release.name}")
-        except RouterdError as exc:
-            left.append(f"containers of {plan.release.name} ({exc}; run: routerd gc)")
-        outcome = f"left behind: {'; '.join(left)}" if left else "done"
-        self.say(f"rollback: {outcome} in {_since(started)}")
-        return left
-
-    async def _etcd_undo(
-        self, what: str, undo: Callable[[], Awaitable[None]], deadline: float
-    ) -> list[str]:
-        """Retry an etcd undo until ``deadline``: etcd may be down for a while."""
-        delay, warned = 0.2, False
-        while True:
-            try:
-                await undo()
-                return []
-            except StoreError as exc:
-                if time.monotonic() + delay > deadline:
-                    return [f"{what} ({exc})"]
-                if not warned:
-                    self.say(f"rollback: {what}: {brief(exc)}; retrying")
-                    warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _restore_active(self, plan: Plan) -> None:
-        """Put ``active`` back, only if it is still ours, and let the routers catch up."""
-        active = app_key(plan.app, "active")
-        undo: Put | Delete = Put(active, plan.active.encode()) if plan.active else Delete(active)
-        revision = await self.store.transaction(
-            [Check(active, value=plan.release.name.encode())], [undo]
-        )
-        if revision is None:
-            return  # the switch never happened, or someone else moved active on
-        self.say(f"rollback: active is {plan.active or '(none)'} again")
-        if self.options.wait_routers:
-            with contextlib.suppress(DeployError):
-                await self._wait_routers(plan, revision)
-
-    async def _deregister(self, plan: Plan) -> None:
-        ops = [
-            Delete(app_key(plan.app, "releases", plan.release.name, ""), prefix=True),
-            Delete(app_key(plan.app, "history", plan.release.name)),
-        ]
-        await self.store.transaction([], ops)
-        self.say(f"rollback: deregistered {plan.release.name}")
+        return await self.undo.run(plan, journal)
 
     async def _thread(self, journal: Journal, call: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking runtime call; if the deploy is interrupted, the call still
@@ -469,17 +309,6 @@ class Deployer:
 # ------------------------------------------------------------------ helpers
 
 
-async def _all(coros: Any) -> None:
-    """Run concurrently; on the first failure cancel the rest and wait for them."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _served(plan: Plan, reports: list[routers.RouterReport]) -> list[str]:
     return [
         f"{r.router_id} serves {r.config_sha256[:12]}"
@@ -489,6 +318,5 @@ def _served(plan: Plan, reports: list[routers.RouterReport]) -> list[str]:
 
 
 def _outcome(plan: Plan, what: str, left: list[str]) -> str:
-    serving = plan.active or "nothing (first release)"
     undone = "rolled back" if not left else f"rolled back partly, left behind: {'; '.join(left)}"
-    return f"deploy of {plan.app} {plan.release.name} {what}; {undone}; {serving} still serves"
+    return f"deploy of {plan.app} {plan.release.name} {what}; {undone}; {plan.serving} still serves"

@@ -2,8 +2,9 @@
 
 ``collect_garbage`` removes what a crashed controller left behind: containers
 labelled for a release nothing routes to, and releases registered beside the
-active one (a deploy that died between register and switch). It takes each
-app's deploy lock first, so it never touches a deploy in progress.
+active one (a deploy that died between register and switch; the history of
+such a release goes too unless it once served). It takes each app's deploy
+lock first, so it never touches a deploy in progress.
 ``describe`` gathers one app's releases, instances, containers and what each
 router of its pool serves, for ``routerd status <app>``.
 """
@@ -77,7 +78,9 @@ async def _collect_app(
             say(f"gc: {app}: removing {container.name} ({container.release}, {container.state})")
         if dry_run:
             return len(stale)
+        never_served = {r.name for r in releases.history(snapshot, app) if not r.activated}
         ops = [Delete(app_key(app, "releases", r, ""), prefix=True) for r in stale_keys]
+        ops += [Delete(app_key(app, "history", r)) for r in stale_keys if r in never_served]
         if ops:
             await store.transaction([lock.check()], ops)
         for container in stale:

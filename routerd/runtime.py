@@ -19,7 +19,7 @@ import asyncio
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -143,7 +143,13 @@ class DockerRuntime:
             handle.reload()
         except docker.errors.DockerException as exc:
             raise ContainerError(f"cannot start {container.name}: {exc}") from exc
-        return self._describe(handle)
+        started = self._describe(handle)
+        if started.port is None:
+            raise ContainerError(
+                f"{container.name} has no host port: the engine published none "
+                "(no bridge network? then deploy with --network host)"
+            )
+        return started
 
     def probe(self, container: Container, path: str) -> str | None:
         """None when the container answers ``path`` with 2xx/3xx, else why not yet.
@@ -259,3 +265,21 @@ async def wait_healthy(
                 f"within {timeout:g} s (last: {reason})"
             )
         await asyncio.sleep(interval)
+
+
+async def remove_release(runtime: Runtime, app: str, releases: list[str], timeout: float) -> int:
+    """Stop and remove every container of these releases, in parallel; how many."""
+    found = [c for name in releases for c in await asyncio.to_thread(runtime.list, app, name)]
+    await run_all(asyncio.to_thread(runtime.remove, c, timeout=timeout) for c in found)
+    return len(found)
+
+
+async def run_all(coros: Iterable[Awaitable[Any]]) -> None:
+    """Run concurrently; on the first failure cancel the rest, wait for them, raise."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,68 @@
+"""What a deploy decided, how it is tuned, and what it has done so far.
+
+``Plan`` is read from etcd once the app's lock is held and never changes;
+``Journal`` grows as the steps run and is all a rollback needs to know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from routerd.releases import Release
+from routerd.runtime import Container
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    health_timeout: float = 30.0
+    drain: float = 2.0
+    router_timeout: float = 30.0
+    wait_routers: bool = True
+    stop_timeout: float = 10.0
+    lock_ttl: int = 10
+    rollback_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    app: str
+    release: Release
+    pool: str
+    active: str | None
+    active_mod: int  # mod revision of ``active`` as read; 0 when there is none
+    registered: frozenset[str]  # releases with instances before the deploy
+    served_by: dict[str, str]  # router id -> config hash before the deploy
+
+    @property
+    def first(self) -> bool:
+        """Nothing routed before: the new release becomes active as it registers."""
+        return self.active is None and not self.registered
+
+    @property
+    def old(self) -> list[str]:
+        """The releases step 6 removes."""
+        return sorted(self.registered | ({self.active} if self.active else set()))
+
+    @property
+    def serving(self) -> str:
+        return self.active or "nothing (first release)"
+
+
+@dataclass
+class Journal:
+    threads: list[asyncio.Future[Any]] = field(default_factory=list)  # runtime calls in flight
+    containers: list[Container] = field(default_factory=list)
+    registered: bool = False  # the register transaction was sent (its outcome may be unknown)
+    switched: bool = False  # the switch transaction was sent
+    committed: bool = False  # the drain is over: no way back
+
+
+@dataclass(frozen=True)
+class DeployReport:
+    app: str
+    release: str
+    previous: str | None
+    durations: dict[str, float]
+    total: float

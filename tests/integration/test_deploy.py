@@ -1,0 +1,381 @@
+"""SPEC 1 and 5, the blue-green deploy: real Docker, real etcd, real nginx and
+a real ``routerd run``; ``routerd deploy`` runs as a subprocess.
+
+Every failure test ends the same way (``assert_rolled_back``): the old
+release serves, no container of the new release is left, its keys are gone,
+``active`` is the old release and the deploy lock is released. Containers run
+with ``--network host`` (no bridge network here) and each test uses its own
+app name, so tests never see each other's containers.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import secrets
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+import requests
+from deploy_helpers import (
+    Deploy,
+    app_containers,
+    build_image,
+    deploy_args,
+    docker_client,
+    remove_app_containers,
+    run,
+)
+from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def docker() -> Any:
+    client = docker_client()
+    build_image(client)
+    return client
+
+
+@pytest.fixture
+def app(docker: Any, etcd: Any) -> Any:
+    """A fresh app name with a config in etcd; its containers are removed afterwards."""
+    name = f"shop-{secrets.token_hex(3)}"
+    etcd.put(config_key(name), app_config([f"{name}.test"]))
+    yield name
+    remove_app_containers(docker, name)
+
+
+def deploy(etcd: Any, app: str, *, expect: int = 0, **kwargs: Any) -> Deploy:
+    done = run(etcd.endpoint, "deploy", *deploy_args(app, **kwargs))
+    assert done.proc.returncode == expect, done.output
+    return done
+
+
+def release_of(done: Deploy) -> str:
+    """The release a deploy made, from its first progress line."""
+    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
+    return line.split(" of ", 1)[1].split()[1]
+
+
+def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
+    """Which releases answered ``count`` requests for the app (body: app release message)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        answer = router.http(f"{app}.test")
+        assert answer.status_code == 200, (answer.status_code, answer.text)
+        seen[answer.text.split()[1]] += 1
+    return seen
+
+
+def keys(etcd: Any, app: str) -> dict[str, str]:
+    return {
+        k[len(f"{PREFIX}/apps/{app}/") :]: v
+        for k, v in etcd.get_prefix(f"{PREFIX}/apps/{app}/").items()
+    }
+
+
+def releases_of(docker: Any, app: str) -> set[str]:
+    return {c.labels["routerd.release"] for c in app_containers(docker, app)}
+
+
+def assert_rolled_back(etcd: Any, docker: Any, router: Any, app: str, old: str, new: str) -> None:
+    """The old release serves; nothing of the new one is left; the lock is released."""
+    assert served(router, app) == {old: 8}
+    assert releases_of(docker, app) == {old}
+    wait_for(lambda: "lock" not in keys(etcd, app), 15, message="the deploy lock released")
+    left = keys(etcd, app)
+    assert left["active"] == old
+    assert not [k for k in left if new in k], left
+
+
+@pytest.fixture
+def live(etcd: Any, routerd: Any, app: str) -> tuple[Any, str]:
+    """A router serving the app's first release; (router, release)."""
+    router = routerd()
+    first = release_of(deploy(etcd, app, env={"MESSAGE": "one"}))
+    return router, first
+
+
+# ---------------------------------------------------------------- the six steps
+
+
+def test_first_deploy_serves_the_new_release(etcd, routerd, docker, app):
+    """The first deploy starts labelled containers, registers them as the active
+    release, reports the six steps with durations, and the app is served."""
+    router = routerd()
+    done = deploy(etcd, app, env={"MESSAGE": "one"})
+    release = release_of(done)
+
+    for number, name in enumerate(["start", "register", "render", "reload"], 1):
+        assert any(line.startswith(f"[{number}/6] {name}: done in ") for line in done.lines)
+    assert any(line.startswith("[5/6] switch: nothing to switch from") for line in done.lines)
+    assert any(line.startswith("[6/6] destroy: done in ") for line in done.lines)
+    assert served(router, app) == {release: 8}
+    containers = app_containers(docker, app)
+    assert len(containers) == 2
+    assert {c.labels["routerd.release"] for c in containers} == {release}
+    stored = keys(etcd, app)
+    assert stored["active"] == release
+    assert len([k for k in stored if k.startswith(f"releases/{release}/")]) == 2
+    assert json.loads(stored[f"history/{release}"])["image"] == "routerd-test-app:1"
+    assert "lock" not in stored
+
+
+def test_second_deploy_moves_all_traffic_with_at_most_one_reload(etcd, docker, app, live):
+    """A second deploy moves every request to the new release at the cost of at
+    most one reload (the switch; none when the router pushes backends to nginx
+    without a reload), then removes the old release's keys and containers."""
+    router, first = live
+    reloads = metric_sum(router.metrics(), "routerd_reloads", 'result="ok"')
+
+    second = release_of(deploy(etcd, app, env={"MESSAGE": "two"}))
+
+    assert served(router, app, 12) == {second: 12}
+    assert metric_sum(router.metrics(), "routerd_reloads", 'result="ok"') <= reloads + 1
+    assert releases_of(docker, app) == {second}
+    stored = keys(etcd, app)
+    assert stored["active"] == second
+    assert not [k for k in stored if k.startswith(f"releases/{first}/")]
+    assert {k for k in stored if k.startswith("history/")} == {
+        f"history/{first}",
+        f"history/{second}",
+    }
+
+
+def test_rollback_redeploys_the_previous_release_and_status_shows_it(etcd, docker, app, live):
+    """``routerd rollback`` makes a new release like the previous one through the
+    same steps; ``routerd status <app>`` lists releases, containers and routers."""
+    router, first = live
+    second = release_of(deploy(etcd, app, env={"MESSAGE": "two"}))
+
+    done = run(etcd.endpoint, "rollback", app, "--drain", "0.5", "--stop-timeout", "5")
+    assert done.proc.returncode == 0, done.output
+    third = release_of(done)
+
+    answer = router.http(f"{app}.test")
+    assert answer.text.split() == [app, third, "one"]
+    assert releases_of(docker, app) == {third}
+    history = json.loads(keys(etcd, app)[f"history/{third}"])
+    assert history["rollback_of"] == first
+    assert history["env"] == {"MESSAGE": "one"}
+
+    status = run(etcd.endpoint, "status", app)
+    assert status.proc.returncode == 0, status.output
+    for fragment in (first, second, f"*{third}", f"routerd-{app}-{third}-0", "running"):
+        assert fragment in status.output
+    assert f"test-router: serves {third}" in status.output
+
+
+def test_a_second_deploy_of_the_same_app_is_refused_with_the_holder(etcd, routerd, docker, app):
+    """While a deploy holds the app's lock, another one fails at once, naming the holder."""
+    routerd()
+    slow = Deploy(etcd.endpoint, "deploy", *deploy_args(app, env={"DELAY": "2"}))
+    slow.wait_line("[1/6] start:")
+
+    refused = run(etcd.endpoint, "deploy", *deploy_args(app))
+
+    assert refused.proc.returncode == 1
+    assert "another deploy of" in refused.output and "pid" in refused.output
+    assert slow.wait() == 0, slow.output
+
+
+def test_deploy_without_routers_needs_no_wait_routers(etcd, docker, app):
+    """No live router in the pool fails the deploy, unless --no-wait-routers."""
+    failed = deploy(etcd, app, expect=1)
+    assert "no live router in pool shared" in failed.output
+    assert releases_of(docker, app) == set()
+
+    done = deploy(etcd, app, extra=["--no-wait-routers"])
+    assert "[3/6] render: skipped (--no-wait-routers)" in done.output
+    assert keys(etcd, app)["active"] == release_of(done)
+
+
+# ---------------------------------------------------------------- failures
+
+
+def test_containers_that_never_become_healthy_roll_back(etcd, docker, app, live):
+    """A release whose containers never answer the health path fails at step 1."""
+    router, first = live
+    failed = deploy(
+        etcd, app, expect=1, extra=["--health-path", "/missing", "--health-timeout", "1.5"]
+    )
+    assert "failed at step 1 (start)" in failed.output
+    assert "did not answer /missing" in failed.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
+
+
+def test_a_container_that_dies_right_after_start_rolls_back(etcd, docker, app, live):
+    """A container that exits is noticed at once, with its exit code and output."""
+    router, first = live
+    failed = deploy(etcd, app, expect=1, env={"DIE": "3"})
+    assert "failed at step 1 (start)" in failed.output
+    assert "exited with code 3" in failed.output and "dying with code 3" in failed.output
+    assert failed.elapsed < 8
+    assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
+
+
+def test_no_router_acknowledging_rolls_back(etcd, docker, app, live):
+    """With no router running, step 3 fails and the new release is undone."""
+    router, first = live
+    router.stop()
+    failed = deploy(etcd, app, expect=1)
+    assert "failed at step 3 (render)" in failed.output
+    router.start()
+    assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
+
+
+def test_a_router_that_rejects_the_app_rolls_back(etcd, docker, app, live):
+    """A router reporting an error about the app fails step 4; it keeps serving the old."""
+    router, first = live
+    revision = etcd.put(config_key(app), json.dumps({"domains": [f"{app}.test"], "bogus": 1}))
+    router.wait_applied(revision)
+
+    failed = deploy(etcd, app, expect=1)
+
+    assert "failed at step 4 (reload)" in failed.output
+    assert "rejected" in failed.output and "bogus" in failed.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
+
+
+def test_losing_the_switch_race_rolls_back(etcd, docker, app, live):
+    """If ``active`` changes while the deploy runs, the switch is refused and undone."""
+    router, first = live
+    racing = Deploy(etcd.endpoint, "deploy", *deploy_args(app, env={"DELAY": "1"}))
+    racing.wait_line("[1/6] start:")
+    etcd.put(active_key(app), first)  # someone else writes active meanwhile
+
+    assert racing.wait() == 1, racing.output
+    assert "failed at step 5 (switch)" in racing.output
+    assert "changed by someone else" in racing.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(racing))
+
+
+def test_etcd_stopped_mid_deploy_rolls_back_when_it_returns(etcd, docker, app, live):
+    """etcd going away fails the deploy; the rollback retries until etcd is back."""
+    router, first = live
+    broken = Deploy(etcd.endpoint, "deploy", *deploy_args(app, env={"DELAY": "1"}))
+    broken.wait_line("[1/6] start:")
+    etcd.stop()
+    broken.wait_line("[2/6] register: failed", timeout=30)
+    time.sleep(1)
+    etcd.start()
+
+    assert broken.wait() == 1, broken.output
+    assert "failed at step 2 (register)" in broken.output
+    assert "rolled back;" in broken.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(broken))
+
+
+@pytest.mark.parametrize("moment", ["[1/6] start:", "[6/6] destroy:"])
+def test_sigterm_mid_deploy_rolls_back(etcd, docker, app, live, moment):
+    """SIGTERM while containers start, or during the drain after the switch,
+    undoes the deploy: active goes back before the new containers stop."""
+    router, first = live
+    env = {"DELAY": "1"} if moment.startswith("[1/6]") else {}
+    stopped = Deploy(etcd.endpoint, "deploy", *deploy_args(app, env=env, extra=["--drain", "5"]))
+    stopped.wait_line(moment)
+    time.sleep(0.3)
+    stopped.signal(signal.SIGTERM)
+
+    assert stopped.wait() == 130, stopped.output
+    assert "interrupted: rolling back" in stopped.output
+    if moment.startswith("[6/6]"):
+        assert "rollback: active is" in stopped.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(stopped))
+
+
+def test_a_crashed_deploy_expires_its_lock_and_gc_cleans_up(etcd, routerd, docker, app, live):
+    """A controller killed mid-deploy leaves its lock to expire with its lease;
+    ``routerd gc`` then deregisters the release it left and removes its
+    containers, and those of releases etcd never knew; deploys work again."""
+    router, first = live
+    router.freeze()  # step 3 waits for a router that does not move on
+    crashed = Deploy(etcd.endpoint, "deploy", *deploy_args(app))
+    crashed.wait_line("[3/6] render: waiting")
+    crashed.signal(signal.SIGKILL)
+    crashed.wait()
+    router.thaw()
+    orphan = docker.containers.create(
+        "routerd-test-app:1", labels={"routerd.app": app, "routerd.release": "unknown"}
+    )
+
+    refused = run(etcd.endpoint, "deploy", *deploy_args(app))
+    assert refused.proc.returncode == 1 and "another deploy of" in refused.output
+    wait_for(lambda: "lock" not in keys(etcd, app), 20, message="the dead deploy's lock expiring")
+    done = run(etcd.endpoint, "gc", app)
+
+    assert done.proc.returncode == 0, done.output
+    assert f"release {release_of(crashed)} is registered but not active" in done.output
+    assert "removed 3 container(s)" in done.output
+    assert orphan.id not in {c.id for c in app_containers(docker, app)}
+    assert_rolled_back(etcd, docker, router, app, first, release_of(crashed))
+    assert served(router, app) == {first: 8}
+    deploy(etcd, app)
+
+
+# ---------------------------------------------------------------- zero downtime
+
+
+class Load:
+    """Threads sending requests through nginx, a new connection each, counting failures."""
+
+    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{router.http_port}/"
+        self.host = host
+        self.stop = threading.Event()
+        self.ok: collections.Counter[str] = collections.Counter()
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        for _ in itertools.count():
+            if self.stop.is_set():
+                return
+            try:
+                answer = requests.get(
+                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
+                )
+                if answer.status_code == 200:
+                    self.ok[answer.text.split()[1]] += 1
+                else:
+                    self.failures.append(f"HTTP {answer.status_code}")
+            except requests.RequestException as exc:
+                self.failures.append(type(exc).__name__)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
+
+
+def test_no_request_fails_during_deploys_and_a_rollback(etcd, docker, app, live):
+    """Requests on new connections run through nginx during three deploys and a
+    rollback: every one answers 200, and each release in turn takes the traffic."""
+    router, first = live
+    made = [first]
+    with Load(router, f"{app}.test") as load:
+        for number in range(3):
+            made.append(release_of(deploy(etcd, app, env={"MESSAGE": f"v{number}"})))
+            time.sleep(0.3)
+        done = run(etcd.endpoint, "rollback", app, "--drain", "0.5", "--stop-timeout", "5")
+        assert done.proc.returncode == 0, done.output
+        made.append(release_of(done))
+        time.sleep(0.3)
+
+    assert load.failures == []
+    assert set(load.ok) == set(made), load.ok
+    assert sum(load.ok.values()) > 100
