@@ -9,6 +9,9 @@ removed at the end. Printed as it goes:
   4. put bad values in etcd and show they are rejected alone
   5. with traffic flowing, switch shop's active release from v1 to v2 and
      show the traffic move, with no failed request
+  6. deploy a containerized app with `routerd deploy` (Docker), then deploy
+     its next release under traffic: the six steps, the traffic moving, and
+     not one failed request
 
     python deploy/demo.py
 """
@@ -59,7 +62,7 @@ def get(port: int, host: str) -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": host})
     try:
         with urllib.request.urlopen(request, timeout=2) as response:
-            return response.status, response.read().decode()
+            return response.status, response.read().decode().strip()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode().strip()
 
@@ -81,6 +84,7 @@ class Demo:
         self.etcd = f"http://127.0.0.1:{free_port()}"
         self.http = free_port()
         self.metrics = free_port()
+        self.cleanup: list[str] = []  # apps whose containers go at the end
 
     def spawn(self, *argv: str, log: str) -> subprocess.Popen[bytes]:
         out = open(self.dir / log, "wb")  # noqa: SIM115 - closed with the process
@@ -106,6 +110,9 @@ class Demo:
         return (result.stdout + result.stderr).strip()
 
     def close(self) -> None:
+        for app in self.cleanup:  # the deployed containers, before etcd goes
+            self.routerd("apps", "rm", app)
+            self.routerd("gc")
         for proc in reversed(self.procs):
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -134,6 +141,61 @@ def traffic(port: int, host: str) -> Iterator[list[tuple[float, int, str]]]:
     finally:
         stop.set()
         thread.join()
+
+
+def report_traffic(
+    results: list[tuple[float, int, str]], switched: float, old: str, new: str, since: str
+) -> None:
+    """Answers per half second, then failures and when the traffic moved."""
+    start = results[0][0]
+    for window in range(int((results[-1][0] - start) // 0.5) + 1):
+        begin = start + window * 0.5
+        seen = Counter(body for t, _, body in results if begin <= t < begin + 0.5)
+        print(
+            f"   t+{window * 0.5:3.1f}s  " + "  ".join(f"{b} x{n}" for b, n in sorted(seen.items()))
+        )
+    failed = [r for r in results if r[1] != 200]
+    first_new = min((t for t, _, body in results if new in body), default=switched)
+    last_old = max((t for t, _, body in results if old in body), default=switched)
+    print(
+        f"   {len(results)} requests, {len(failed)} failed; first {new} answer "
+        f"{(first_new - switched) * 1000:.0f} ms after {since}, last {old} answer "
+        f"{(last_old - switched) * 1000:.0f} ms after it"
+    )
+
+
+def deploy_step(demo: Demo) -> None:
+    say("6. routerd deploy: a containerized app, then its next release under traffic")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        print("   skipped: no Docker engine answers (deploy/demo.sh starts one)")
+        return
+    subprocess.run(["bash", str(Path(__file__).with_name("demo-image.sh"))], check=True)
+    print("   " + demo.routerd("apps", "set", "web", "--domain", "web.example.com"))
+    demo.cleanup.append("web")
+    deploy = ["deploy", "web", "--image", "routerd-demo-app:1", "--network", "host",
+              "--replicas", "2", "--drain", "1"]  # fmt: skip
+    run_deploy(demo, [*deploy, "--release", "v1", "--env", "MESSAGE=hello"])
+    with traffic(demo.http, "web.example.com") as results:
+        time.sleep(1.0)
+        started = time.monotonic()
+        run_deploy(demo, [*deploy, "--release", "v2", "--env", "MESSAGE=hello-again"])
+        time.sleep(0.5)
+    report_traffic(results, started, "web v1", "web v2", "the deploy started")
+    print("   " + demo.routerd("status", "web").replace("\n", "\n   "))
+
+
+def run_deploy(demo: Demo, argv: list[str]) -> None:
+    """`routerd deploy`, its progress lines shown as they come."""
+    print(f"   $ routerd {' '.join(argv)}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "routerd", *argv, "--etcd", demo.etcd],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print("     " + line.rstrip())
+    if proc.wait() != 0:
+        raise SystemExit(f"demo: routerd deploy exited with {proc.returncode}")
 
 
 def main() -> None:
@@ -243,9 +305,8 @@ def run(demo: Demo) -> None:
     status = json.loads(demo.etcdctl("get", "--print-value-only", "/routerd/routers/demo"))
     for error in status["errors"]:
         print(f"   rejected {error['key']}: {error['error']}")
-    print(
-        f"   shop -> {get(demo.http, 'shop.example.com')}, blog -> {get(demo.http, 'blog.example.com')}"
-    )
+    shop, blog = get(demo.http, "shop.example.com"), get(demo.http, "blog.example.com")
+    print(f"   shop -> {shop}, blog -> {blog}")
 
     say("5. switch shop from v1 to v2 under traffic (a new connection per request)")
     with traffic(demo.http, "shop.example.com") as results:
@@ -254,21 +315,8 @@ def run(demo: Demo) -> None:
         demo.etcdctl("put", "/routerd/apps/shop/active", "v2")
         print("   put /routerd/apps/shop/active = v2")
         time.sleep(1.5)
-    first_v2 = next(t for t, _, body in results if body.startswith("shop-v2"))
-    last_v1 = max(t for t, _, body in results if body.startswith("shop-v1"))
-    for second in range(int((results[-1][0] - results[0][0]) // 0.5) + 1):
-        start = results[0][0] + second * 0.5
-        window = Counter(body for t, _, body in results if start <= t < start + 0.5)
-        print(
-            f"   t+{second * 0.5:3.1f}s  "
-            + "  ".join(f"{b} x{n}" for b, n in sorted(window.items()))
-        )
-    failed = [r for r in results if r[1] != 200]
-    print(
-        f"   {len(results)} requests, {len(failed)} failed; first v2 answer "
-        f"{(first_v2 - switched) * 1000:.0f} ms after the put, last v1 answer "
-        f"{(last_v1 - switched) * 1000:.0f} ms after it"
-    )
+    report_traffic(results, switched, "shop-v1", "shop-v2", "the put")
+    deploy_step(demo)
     say("done; routerd's log follows (see `routerd --help` for more)")
     print((demo.dir / "routerd.log").read_text())
 
