@@ -218,9 +218,12 @@ class Nginx:
                 raise ReloadError("the supervised nginx master is not running")
             return self.process.pid
         try:
-            pid = int(self.pid_file.read_text().strip())
+            text = self.pid_file.read_text().strip()
+            if not text.isdigit():  # `nginx -t` leaves an empty pid file while nginx is down
+                raise NginxNotRunning(f"no nginx master: pid file {self.pid_file} is empty")
+            pid = int(text)
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise NginxNotRunning(f"no nginx master from pid file {self.pid_file}: {exc}") from exc
         if not cmdline.startswith(b"nginx: master"):
             raise NginxNotRunning(f"pid {pid} from {self.pid_file} is not an nginx master")
