@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Bench, http_get, wait_until
 
 from routerd import validate
-from routerd.model import KeyValue, Loader, Snapshot
+from routerd.backends import Backends, detect_lua
+from routerd.loader import Loader
+from routerd.model import KeyValue, Snapshot
 from routerd.nginx import Installer, Nginx
 from routerd.render import Layout, Renderer
 from routerd.settings import PACKAGE_TEMPLATES
@@ -48,16 +50,25 @@ def snapshot(apps: int, instances: int) -> Snapshot:
     return Snapshot(revision, kvs)
 
 
-def cold_apply(apps: int, instances: int) -> dict[str, float]:
+def cold_apply(apps: int, instances: int, dynamic: bool) -> dict[str, float]:
     snap = snapshot(apps, instances)
     folder = Path(tempfile.mkdtemp(prefix="routerd-scale-"))
     conf = folder / "nginx.conf"
+    lua = None
+    if dynamic:
+        support = detect_lua("nginx")
+        assert support is not None, "this nginx has no Lua module"
+        backends = Backends(state_dir=folder / "routerd", runtime_dir=folder,
+                            templates=PACKAGE_TEMPLATES)  # fmt: skip
+        backends.prepare()
+        lua = backends.layout(support)
     layout = Layout(
         "127.0.0.1:18080",
         "127.0.0.1:18443",
         "127.0.0.1:18081",
         str(folder),
         str(folder / "nginx.pid"),
+        lua,
     )
     Nginx(
         binary="nginx",
@@ -101,11 +112,11 @@ def cold_apply(apps: int, instances: int) -> dict[str, float]:
     return times
 
 
-def daemon_rss(apps: int, instances: int) -> tuple[float, float]:
+def daemon_rss(apps: int, instances: int, mode: str) -> tuple[float, float]:
     with Bench() as bench:
         bench.load_apps(apps, instances)
         started = time.perf_counter()
-        bench.start_routerd()
+        bench.start_routerd("--dynamic-backends", mode)
         bench.wait_ready(timeout=300)
         first_live = time.perf_counter() - started
         host = f"app{apps - 1:05d}.example.com"
@@ -119,17 +130,20 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-daemon", action="store_true")
+    parser.add_argument("--modes", default="off,on", help="--dynamic-backends values to run")
     args = parser.parse_args()
-    print(
-        f"cold render + validate, {args.apps} apps x {args.instances} instances, "
-        f"2 domains each (median of {args.repeat}):"
-    )
-    runs = [cold_apply(args.apps, args.instances) for _ in range(args.repeat)]
-    for stage in runs[0]:
-        print(f"  {stage:28s} {statistics.median(r[stage] for r in runs) * 1000:8.0f} ms")
-    if not args.skip_daemon:
-        first_live, rss = daemon_rss(args.apps, args.instances)
-        print(f"daemon: start to first config live {first_live:.1f} s; peak RSS {rss:.0f} MB")
+    for mode in args.modes.split(","):
+        label = "reload path" if mode == "off" else "dynamic backends (Lua)"
+        print(
+            f"{label}: cold render + validate, {args.apps} apps x {args.instances} "
+            f"instances, 2 domains each (median of {args.repeat}):"
+        )
+        runs = [cold_apply(args.apps, args.instances, mode == "on") for _ in range(args.repeat)]
+        for stage in runs[0]:
+            print(f"  {stage:28s} {statistics.median(r[stage] for r in runs) * 1000:8.0f} ms")
+        if not args.skip_daemon:
+            first_live, rss = daemon_rss(args.apps, args.instances, mode)
+            print(f"  daemon: start to first config live {first_live:.1f} s; peak RSS {rss:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from typing import Any
 
 from routerd import __version__, logs, validate
 from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
-from routerd.model import APP_NAME, OPTION_PARSERS, RELEASE_NAME, Loader, parse_app_config
+from routerd.loader import Loader
+from routerd.model import APP_NAME, OPTION_PARSERS, RELEASE_NAME, parse_app_config
 from routerd.nginx import Installer, Nginx
 from routerd.render import Rendered, Renderer
 from routerd.settings import (
@@ -414,7 +415,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 async def _render(
     args: argparse.Namespace, store: Store, live: NginxSettings, check: NginxSettings
 ) -> int:
-    from routerd.daemon import dynamic_backends, layout_of
+    from routerd.pipeline import dynamic_backends, layout_of
 
     snapshot = await store.snapshot()
     table = Loader(prefix=store.settings.prefix, pool=args.pool).load(snapshot)

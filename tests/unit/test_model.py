@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from routerd.model import App, Instance, KeyValue, Loader, Options, RoutingTable, Snapshot
+from routerd.loader import Loader
+from routerd.model import App, Instance, KeyValue, Options, RoutingTable, Snapshot
 
 PREFIX = "/routerd"
 POOL = "shared"

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from routerd.errors import RenderError
-from routerd.model import App, Instance, KeyValue, Loader, Options, RoutingTable, Snapshot
+from routerd.loader import Loader
+from routerd.model import App, Instance, KeyValue, Options, RoutingTable, Snapshot
 from routerd.render import APP_TEMPLATE, MAIN_TEMPLATE, Layout, Rendered, Renderer, q
 
 ROOT = Path(__file__).resolve().parents[2]

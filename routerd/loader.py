@@ -1,0 +1,284 @@
+"""From one etcd snapshot to a RoutingTable, key by key (SPEC 2 and 4).
+
+Groups the keys under the prefix by app, parses each through the model's
+parsers once per mod_revision, falls back to a key's last valid form when
+it turns bad, settles contested domains, and picks each app's routed
+instances. ``update`` redoes only the apps whose instances or active
+release changed. Does not render, write or talk to etcd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from routerd.errors import InvalidValue
+from routerd.model import (
+    APP_NAME,
+    RELEASE_NAME,
+    App,
+    AppConfig,
+    Cert,
+    Instance,
+    KeyValue,
+    Rejection,
+    RoutingTable,
+    Snapshot,
+    expect,
+    parse_app_config,
+    parse_cert,
+    parse_domain,
+    parse_instance,
+    parse_release_name,
+)
+
+
+@dataclass
+class _Parsed:
+    """What one key parsed to, cached by mod_revision."""
+
+    mod_revision: int
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass
+class _AppKeys:
+    config: tuple[str, KeyValue] | None = None
+    active: tuple[str, KeyValue] | None = None
+    instances: list[tuple[str, str, str, KeyValue]] = field(default_factory=list)
+
+
+class Loader:
+    """Builds a RoutingTable from snapshots, remembering the last valid form
+    of every key so a bad write never takes away what was routed before.
+
+    Parsing is cached by (key, mod_revision): an unchanged key costs nothing,
+    which keeps a snapshot of 10,000 apps cheap to reload.
+    """
+
+    def __init__(self, *, prefix: str, pool: str) -> None:
+        self.prefix = prefix.rstrip("/")
+        self.pool = pool
+        self._parsed: dict[str, _Parsed] = {}
+        self._last_valid: dict[str, Any] = {}
+        self._groups: dict[str, _AppKeys] = {}
+
+    def load(self, snapshot: Snapshot) -> RoutingTable:
+        errors: list[Rejection] = []
+        apps, certs = self._group(snapshot, errors)
+        self._groups = apps
+        self._forget_deleted(snapshot)
+        cert_by_domain = self._certs(certs, errors)
+        configs = self._configs(apps, errors)
+        built = self._claim_domains(configs, errors)
+        table = []
+        for name, (config, _) in sorted(built.items()):
+            keys = apps[name]
+            instances = self._routed_instances(name, keys, errors)
+            tls = tuple(cert_by_domain[d] for d in config.domains if d in cert_by_domain)
+            table.append(App(name, config.domains, config.options, instances, tls))
+        return RoutingTable(snapshot.revision, tuple(table), tuple(errors))
+
+    def update(
+        self, previous: RoutingTable, snapshot: Snapshot, changed: set[str]
+    ) -> RoutingTable | None:
+        """Re-route only the apps whose instances or active release changed.
+
+        The common change (a deploy, a dying instance) costs in proportion to
+        the apps it touches, not to all of them. Returns None when a change
+        touches anything else (configs, certs): then a full ``load`` is due.
+        """
+        dirty: set[str] = set()
+        for rel in changed:
+            parts = rel.split("/")
+            if parts[0] != "apps" or len(parts) < 3 or parts[2] == "config":
+                return None
+            if parts[2] in ("active", "releases"):
+                if not self._regroup(rel, parts, snapshot):
+                    return None
+                dirty.add(parts[1])
+        errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
+        apps = []
+        for app in previous.apps:
+            if app.name in dirty:
+                instances = self._routed_instances(app.name, self._groups[app.name], errors)
+                app = replace(app, instances=instances)
+            apps.append(app)
+        return RoutingTable(snapshot.revision, tuple(apps), tuple(errors), frozenset(dirty))
+
+    def _routing_key_of(self, key: str) -> str | None:
+        """The app whose active or instance key this is, else None."""
+        parts = key[len(self.prefix) + 1 :].split("/")
+        is_active = len(parts) == 3 and parts[2] == "active"
+        is_instance = len(parts) == 5 and parts[2] == "releases"
+        return parts[1] if parts[0] == "apps" and (is_active or is_instance) else None
+
+    def _regroup(self, rel: str, parts: list[str], snapshot: Snapshot) -> bool:
+        """Move one changed active/instance key into its app's group; False if unsure."""
+        keys = self._groups.get(parts[1])
+        if keys is None or APP_NAME.fullmatch(parts[1]) is None:
+            return False  # an app the last full load did not see: let a load decide
+        key, kv = f"{self.prefix}/{rel}", snapshot.kvs.get(rel)
+        if kv is None:
+            self._parsed.pop(key, None)
+            self._last_valid.pop(key, None)
+        if parts[2] == "active" and len(parts) == 3:
+            keys.active = None if kv is None else (key, kv)
+            return True
+        if parts[2] == "releases" and len(parts) == 5:
+            keys.instances = [i for i in keys.instances if i[0] != key]
+            if kv is not None:
+                keys.instances.append((key, parts[3], parts[4], kv))
+            return True
+        return False
+
+    # -- grouping keys by app
+
+    def _group(
+        self, snapshot: Snapshot, errors: list[Rejection]
+    ) -> tuple[dict[str, _AppKeys], dict[str, tuple[str, KeyValue]]]:
+        apps: dict[str, _AppKeys] = {}
+        certs: dict[str, tuple[str, KeyValue]] = {}
+        for rel, kv in snapshot.kvs.items():
+            key = f"{self.prefix}/{rel}"
+            parts = rel.split("/")
+            if parts[0] == "certs" and len(parts) == 2:
+                certs[parts[1]] = (key, kv)
+            elif parts[0] == "apps" and len(parts) >= 3:
+                self._group_app_key(key, parts[1], parts[2:], kv, apps, errors)
+        return apps, certs
+
+    def _group_app_key(
+        self,
+        key: str,
+        app: str,
+        rest: list[str],
+        kv: KeyValue,
+        apps: dict[str, _AppKeys],
+        errors: list[Rejection],
+    ) -> None:
+        kind = rest[0]
+        if kind not in ("config", "active", "releases"):
+            return  # other keys under an app (deploy history, locks) are not routing input
+        if APP_NAME.fullmatch(app) is None:
+            errors.append(Rejection(key, f"app name {app!r} must match {APP_NAME.pattern}"))
+            return
+        keys = apps.setdefault(app, _AppKeys())
+        if kind == "config" and len(rest) == 1:
+            keys.config = (key, kv)
+        elif kind == "active" and len(rest) == 1:
+            keys.active = (key, kv)
+        elif kind == "releases" and len(rest) == 3:
+            keys.instances.append((key, rest[1], rest[2], kv))
+        else:
+            errors.append(Rejection(key, "not a key of the routerd layout"))
+
+    def _forget_deleted(self, snapshot: Snapshot) -> None:
+        live = {f"{self.prefix}/{rel}" for rel in snapshot.kvs}
+        for cache in (self._parsed, self._last_valid):
+            for key in [k for k in cache if k not in live]:
+                del cache[key]
+
+    # -- parsing with the per-key cache
+
+    def _parse(self, key: str, kv: KeyValue, parser: Callable[[], Any]) -> Any:
+        """Parse once per mod_revision; on error fall back to the last valid value."""
+        cached = self._parsed.get(key)
+        if cached is None or cached.mod_revision != kv.mod_revision:
+            try:
+                cached = _Parsed(kv.mod_revision, value=parser())
+                self._last_valid[key] = cached.value
+            except InvalidValue as exc:
+                cached = _Parsed(kv.mod_revision, error=exc.message)
+            self._parsed[key] = cached
+        if cached.error is not None:
+            raise InvalidValue(key, cached.error)
+        return cached.value
+
+    def _parse_or_last(
+        self, key: str, kv: KeyValue, parser: Callable[[], Any], errors: list[Rejection]
+    ) -> Any:
+        try:
+            return self._parse(key, kv, parser)
+        except InvalidValue as exc:
+            errors.append(Rejection(key, exc.message))
+            return self._last_valid.get(key)
+
+    def _certs(
+        self, certs: dict[str, tuple[str, KeyValue]], errors: list[Rejection]
+    ) -> dict[str, Cert]:
+        valid: dict[str, Cert] = {}
+        for domain, (key, kv) in sorted(certs.items()):
+
+            def parser(key: str = key, domain: str = domain, kv: KeyValue = kv) -> Cert:
+                return parse_cert(key, parse_domain(key, domain), kv.value)
+
+            cert = self._parse_or_last(key, kv, parser, errors)
+            if cert is not None:
+                valid[domain] = cert
+        return valid
+
+    def _configs(
+        self, apps: dict[str, _AppKeys], errors: list[Rejection]
+    ) -> dict[str, tuple[AppConfig, int]]:
+        configs: dict[str, tuple[AppConfig, int]] = {}
+        for name, keys in apps.items():
+            if keys.config is None:
+                continue
+            key, kv = keys.config
+            config = self._parse_or_last(
+                key, kv, lambda key=key, kv=kv: parse_app_config(key, kv.value), errors
+            )
+            if config is not None and config.pool == self.pool:
+                configs[name] = (config, kv.create_revision)
+        return configs
+
+    def _claim_domains(
+        self, configs: dict[str, tuple[AppConfig, int]], errors: list[Rejection]
+    ) -> dict[str, tuple[AppConfig, int]]:
+        """The first-created config key wins a contested domain (SPEC 3)."""
+        owner: dict[str, str] = {}
+        result: dict[str, tuple[AppConfig, int]] = {}
+        for name, (config, created) in sorted(configs.items(), key=lambda i: (i[1][1], i[0])):
+            kept = []
+            for domain in config.domains:
+                if domain in owner:
+                    key = f"{self.prefix}/apps/{name}/config"
+                    errors.append(
+                        Rejection(key, f"domain {domain} is already claimed by app {owner[domain]}")
+                    )
+                else:
+                    owner[domain] = name
+                    kept.append(domain)
+            if kept:
+                result[name] = (AppConfig(tuple(kept), config.pool, config.options), created)
+        return result
+
+    def _routed_instances(
+        self, app: str, keys: _AppKeys, errors: list[Rejection]
+    ) -> tuple[Instance, ...]:
+        active = None
+        if keys.active is not None:
+            key, kv = keys.active
+            active = self._parse_or_last(
+                key, kv, lambda key=key, kv=kv: parse_release_name(key, kv.value), errors
+            )
+        found: list[Instance] = []
+        for key, release, name, kv in keys.instances:
+            if active is not None and release != active:
+                continue
+            instance = self._parse_or_last(
+                key, kv, lambda k=key, r=release, n=name, v=kv: _instance(k, r, n, v), errors
+            )
+            if instance is not None:
+                found.append(instance)
+        return tuple(sorted(found, key=lambda i: (i.release, i.name)))
+
+
+def _instance(key: str, release: str, name: str, kv: KeyValue) -> Instance:
+    for label, value in (("release", release), ("instance", name)):
+        ok = RELEASE_NAME.fullmatch(value) is not None
+        expect(key, ok, f"{label} name {value!r} must match {RELEASE_NAME.pattern}")
+    return parse_instance(key, release, name, kv.value)
