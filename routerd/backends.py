@@ -68,6 +68,7 @@ class Backends:
         self.source = (templates / LUA_SOURCE).read_bytes()
         self.pushed: dict[str, str] | None = None  # None: push everything next time
         self.revision = 0  # of the last confirmed push
+        self.stale = False  # nginx lost what was pushed (a restart): push everything next
 
     def layout(self, support: LuaSupport) -> Lua:
         """What the templates need to render the balancer (no file is touched)."""
@@ -95,17 +96,21 @@ class Backends:
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.file)
 
-    def changes(self, routing: RoutingTable) -> dict[str, str] | None:
-        """What nginx must learn (an empty app: no instance); None: the whole table."""
+    def changes(self, routing: RoutingTable, *, removals: bool = True) -> dict[str, str] | None:
+        """What nginx must learn (an empty app: no instance); None: the whole table.
+        Without ``removals``, apps missing from ``routing`` keep what nginx holds."""
+        if self.stale:
+            self.stale, self.pushed = False, None
         if self.pushed is None:
-            return None
+            return None if removals else dict(table_of(routing))
         if routing.dirty is not None:  # only these apps' instances moved
             apps = (a for a in routing.apps if a.name in routing.dirty)
             wanted = {a.name: a.addresses if a.ip_only else "" for a in apps}
             return {a: v for a, v in wanted.items() if self.pushed.get(a, "") != v}
         table = table_of(routing)
         changed = {a: v for a, v in table.items() if self.pushed.get(a) != v}
-        changed.update({a: "" for a in self.pushed if a not in table})
+        if removals:
+            changed.update({a: "" for a in self.pushed if a not in table})
         return changed
 
     async def push(self, routing: RoutingTable, changes: dict[str, str] | None) -> int:
@@ -122,10 +127,9 @@ class Backends:
             self.pushed = None
             raise ReloadError(f"nginx refused the backend push: {answer}")
         self.revision = routing.revision
-        if changes is None:
-            self.pushed = dict(entries)
+        if changes is None or self.pushed is None:
+            self.pushed = dict(table_of(routing))
         else:
-            assert self.pushed is not None
             for app, value in entries.items():
                 if value:
                     self.pushed[app] = value

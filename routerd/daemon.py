@@ -49,6 +49,7 @@ class Daemon:
         )
         self.debouncer = Debouncer(settings.debounce_min, settings.debounce_max)
         self._wake = asyncio.Event()
+        self._templates_dirty = False
         self._seen_errors: set[Rejection] = set()
         self.ready = False
 
@@ -105,9 +106,22 @@ class Daemon:
             log(logger, "stopped")
 
     async def _adopt_installed(self) -> None:
-        """Serve the last good config at once, before etcd is even reached."""
+        """Serve the last good config at once, before etcd is even reached.
+
+        Sidecar mode: trust the installed file only if nginx serves it (a
+        routerd killed between rename and SIGHUP left one it never loaded)."""
         ns = self.settings.nginx
-        if not (ns.supervise and ns.conf.exists()):
+        if not ns.supervise:
+            live = await self.router.nginx.serving()
+            if live is not None and live != self.router.served:
+                log(logger, "nginx serves another config than the installed one; will reload")
+                self.router.served = live
+            return
+        if not ns.conf.exists():
+            return
+        if self.router.nginx.adopt_running():
+            log(logger, "adopted the running nginx master", pid=self.router.nginx.master_pid())
+            self.router.served = await self.router.nginx.serving()
             return
         try:
             await asyncio.to_thread(validate.nginx_test, ns.binary, ns.conf, ns.runtime_dir)
@@ -138,9 +152,9 @@ class Daemon:
         return observer
 
     def _templates_changed(self) -> None:
+        """Swapped in by the apply loop, between renders (one runs in a thread)."""
         log(logger, "templates changed")
-        self.router.renderer.reload_templates()
-        self.mirror.changed = None  # render everything again
+        self._templates_dirty = True
         self.changed()
 
     async def _follow_etcd(self) -> None:
@@ -186,35 +200,46 @@ class Daemon:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 continue
             self.debouncer.reset()
+            if self._templates_dirty:
+                self._templates_dirty = False
+                self.router.renderer.reload_templates()
+                self.mirror.changed = None  # render everything again
             await self._apply(*self.mirror.take())
 
     async def _apply(self, snapshot: Snapshot, changed: set[str] | None) -> None:
         try:
             table, result = await self.router.apply(snapshot, changed)
-        except OSError as exc:  # disk full, permissions: keep serving, report, retry on next change
-            log(logger, "apply failed", logging.ERROR, revision=snapshot.revision, error=str(exc))
+        except Exception as exc:  # disk full, a bug: keep serving, report, retry in a second
+            log(logger, "apply failed", logging.ERROR, revision=snapshot.revision, error=repr(exc))
+            logger.debug("apply failed", exc_info=True)
             self.mirror.changed = None
+            self.router.table = None  # rebuild everything next time
+            asyncio.get_running_loop().call_later(1.0, self.changed)
+            error = Rejection(str(self.settings.nginx.conf), f"apply failed: {exc!r}")
+            self._count_rejections(snapshot.revision, [error])
+            self._write_status(snapshot.revision, None, [error])
             return
         self.metrics.applies.labels(outcome=result.outcome.value).inc()
         errors = list(table.errors) + ([result.error] if result.error else [])
         self._count_rejections(snapshot.revision, errors)
         if result.retry:
             asyncio.get_running_loop().call_later(1.0, self.changed)
-        if (
-            result.outcome in (Outcome.RELOADED, Outcome.UNCHANGED, Outcome.PUSHED)
-            and self.router.served
-        ):
+        good = result.outcome in (Outcome.RELOADED, Outcome.UNCHANGED, Outcome.PUSHED)
+        if good and self.router.served:
             self.ready = True
             self.metrics.set_config(self.router.served)
-        self.metrics.revision.set(snapshot.revision)
+            self.metrics.revision.set(snapshot.revision)
         self.metrics.apps.set(len(table.apps))
+        self._write_status(snapshot.revision, len(table.apps), errors)
+
+    def _write_status(self, revision: int, apps: int | None, errors: list[Rejection]) -> None:
         self.status.update(
             {
-                "revision": snapshot.revision,
+                "revision": revision,
                 "config_sha256": self.router.served or "",
                 "applied_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "pool": self.settings.pool,
-                "apps": len(table.apps),
+                "apps": apps,
                 "errors": [{"key": e.key, "error": e.error} for e in errors],
             }
         )
@@ -241,10 +266,10 @@ class Daemon:
                 log(logger, "nginx exited; restarting", logging.ERROR, code=code)
                 nginx.start()
             live = await nginx.serving()
-            adopt = live is not None and live != self.router.served
+            adopt = live is not None and live != self.router.served and not self.router.busy
             if adopt and live == installer.installed_generation():
                 log(logger, "nginx serves the installed config", sha256=live[:12])
-                self.router.served = live
+                self.router.adopt(live)
                 self.changed()
             self.ready = live is not None and live == self.router.served
             await self._check_backends()
@@ -258,5 +283,5 @@ class Daemon:
         held = await backends.held_revision()
         if held is not None and held < backends.revision:
             log(logger, "nginx holds an older backend table; pushing it whole", held=held)
-            backends.pushed = None
+            backends.stale = True  # the pipeline starts over at its next push
             self.changed()

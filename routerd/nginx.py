@@ -34,7 +34,9 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:  # a nearly full disk may take fewer bytes than asked
+            view = view[os.write(fd, view) :]
         os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
@@ -94,8 +96,10 @@ class Installer:
             path = self.conf.parent / rel
             if not path.exists():
                 write_atomic(path, pem, mode=0o600)
-        if new or rendered.certs:
+        if new:
             fsync_dir(self.conf.parent / APPS_DIR)
+        if rendered.certs:
+            fsync_dir(self.conf.parent / CERTS_DIR)
         return new
 
     def stage(self, rendered: Rendered) -> Path:
@@ -174,6 +178,7 @@ class Nginx:
         self.pid_file = pid_file
         self.error_log = runtime_dir / "error.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.adopted: int | None = None  # a master a previous routerd started
 
     def prepare_runtime(self) -> None:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
@@ -182,6 +187,7 @@ class Nginx:
     def start(self) -> None:
         """--supervise: run the master in the foreground as routerd's child."""
         self.prepare_runtime()
+        self.adopted = None
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -198,11 +204,30 @@ class Nginx:
             start_new_session=True,
         )
 
+    def needs_start(self) -> bool:
+        """--supervise with no master yet (none started, none adopted)."""
+        return self.supervise and self.process is None and self.adopted is None
+
+    def adopt_running(self) -> bool:
+        """--supervise after a routerd that was killed: its nginx master (in its
+        own session) still serves; take it over rather than start a second one."""
+        pid = _pid_from(self.pid_file)
+        if pid is None or not _is_master_of(pid, self.conf):
+            return False
+        self.adopted = pid
+        return True
+
     def exited(self) -> int | None:
         """The exit code of a supervised master that died, else None."""
+        if self.adopted is not None:
+            return None if _is_master_of(self.adopted, self.conf) else -1
         return self.process.poll() if self.process else None
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self.adopted is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.adopted, signal.SIGQUIT)
+            return
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGQUIT)  # graceful: finish in-flight requests
@@ -213,6 +238,8 @@ class Nginx:
             self.process.wait()
 
     def master_pid(self) -> int:
+        if self.adopted is not None and _is_master_of(self.adopted, self.conf):
+            return self.adopted
         if self.supervise:
             if self.process is None or self.process.poll() is not None:
                 raise ReloadError("the supervised nginx master is not running")
@@ -297,6 +324,23 @@ class Nginx:
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
+
+
+def _pid_from(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _is_master_of(pid: int, conf: Path) -> bool:
+    """An nginx master started on ``conf`` (as Nginx.start does)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return title.startswith(b"nginx: master") and str(conf).encode() in title
 
 
 def _children(parent: int) -> list[int]:

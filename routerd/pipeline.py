@@ -31,6 +31,7 @@ from routerd.render import Layout, Lua, Rendered, Renderer
 from routerd.settings import Settings
 
 logger = logging.getLogger("routerd.pipeline")
+RETRY_ROLLED_BACK_S = 30.0
 OVERRIDE = "kept the last config (run with --allow-shrink to apply such a snapshot)"
 
 
@@ -107,7 +108,9 @@ class Router:
         self.served_apps: set[str] | None = None  # unknown until the first apply
         self.table: RoutingTable | None = None  # the last one built
         self._checked: set[str] = set()  # shard files crossplane already passed
-        self._refused: dict[str, str] = {}  # candidate sha -> why it was refused
+        self._refused: dict[str, tuple[str, float]] = {}  # sha -> (why, retry after)
+        self._waiting: str | None = None  # installed while the sidecar's nginx was down
+        self.busy = False  # an apply is under way (the daemon must not adopt meanwhile)
 
     # -- the straight line
 
@@ -121,22 +124,44 @@ class Router:
         if table is None:
             table = await asyncio.to_thread(self.loader.load, snapshot)
         self.table = table
+        self.busy = True
+        try:
+            result = await self._apply_table(table, started)
+        finally:
+            self.busy = False
+        if result.outcome in (Outcome.REJECTED, Outcome.ROLLED_BACK):
+            # Instance lists are valid on their own: a refused candidate must
+            # not stop them reaching nginx (dynamic backends). Apps it would
+            # remove stay as served; a held shrink pushes nothing at all.
+            pushed = await self._push(table, removals=False)
+            if pushed.retry:
+                result = Result(result.outcome, result.error, retry=True)
+        return table, result
+
+    async def _apply_table(self, table: RoutingTable, started: float) -> Result:
         try:
             rendered = await asyncio.to_thread(self.renderer.render, table)
         except RenderError as exc:
-            return table, Result(
-                Outcome.REJECTED, Rejection(str(self.settings.nginx.templates), str(exc))
-            )
+            templates = str(self.settings.nginx.templates)
+            return Result(Outcome.REJECTED, Rejection(templates, str(exc)))
         self.metrics.render_seconds.observe(time.monotonic() - started)
         if rendered.sha256 == self.served:
             if table.dirty is None:  # Loader.update keeps the same apps
                 self.served_apps = {a.name for a in table.apps}
-            return table, await self._push(table)
+            return await self._push(table)
         if (shrink := self._shrink_error(table)) is not None:
-            return table, self._hold(table, shrink)
-        if rendered.sha256 in self._refused:  # the same bad candidate again: no disk churn
-            return table, Result(Outcome.REJECTED, self._error(self._refused[rendered.sha256]))
-        return table, await self._install(table, rendered, started)
+            return self._hold(table, shrink)
+        if rendered.sha256 == self._waiting:
+            return Result(Outcome.REJECTED, self._error("installed; waiting for nginx to start"))
+        refused = self._refused.get(rendered.sha256)
+        if refused is not None and time.monotonic() < refused[1]:  # no disk churn
+            return Result(Outcome.REJECTED, self._error(refused[0]))
+        return await self._install(table, rendered, started)
+
+    def adopt(self, generation: str) -> None:
+        """nginx serves ``generation`` (a sidecar's nginx that started late)."""
+        self.served = generation
+        self._waiting = None
 
     def _load_changed(self, snapshot: Snapshot, changed: set[str] | None) -> RoutingTable | None:
         """Instance and release changes re-route only their apps (None: load all)."""
@@ -152,7 +177,8 @@ class Router:
         except ValidationError as exc:
             folder = self.installer.keep_failed_candidate(staged, new_files, str(exc))
             await asyncio.to_thread(self.installer.collect_garbage)  # its files are in folder
-            return self._refuse(rendered, f"{exc} (candidate kept in {folder})")
+            # The same bytes fail the same way: never try this candidate again.
+            return self._refuse(rendered, f"{exc} (candidate kept in {folder})", for_s=None)
         if self.backends is not None:  # the new generation loads it as it starts
             entries = table_of(table)
             await asyncio.to_thread(self.backends.write_file, table.revision, entries)
@@ -163,10 +189,12 @@ class Router:
         except NginxNotRunning as exc:
             # Sidecar mode before its nginx started: the valid file waits for it.
             log(logger, "installed; nginx not running", logging.WARNING, error=str(exc))
+            self._waiting = rendered.sha256
             return Result(Outcome.REJECTED, self._error(f"installed, not live: {exc}"))
         except ReloadError as exc:
             return await self._roll_back(table, rendered, new_files, exc)
         self.served, self.served_apps = rendered.sha256, {a.name for a in table.apps}
+        self._waiting = None
         self._checked.intersection_update(rendered.shards)
         if (pushed := await self._push(table)).error is not None:
             return pushed
@@ -182,11 +210,11 @@ class Router:
         )
         return Result(Outcome.RELOADED)
 
-    async def _push(self, table: RoutingTable) -> Result:
+    async def _push(self, table: RoutingTable, *, removals: bool = True) -> Result:
         """Dynamic backends: hand nginx the instance lists that changed, no reload."""
         if self.backends is None:
             return Result(Outcome.UNCHANGED)
-        changes = self.backends.changes(table)
+        changes = self.backends.changes(table, removals=removals)
         if changes == {}:
             return Result(Outcome.UNCHANGED)
         started = time.monotonic()
@@ -223,7 +251,7 @@ class Router:
     async def _reload(self, generation: str, offset: int) -> None:
         started = time.monotonic()
         retiring: set[int] = set()
-        if self.settings.nginx.supervise and self.nginx.process is None:
+        if self.nginx.needs_start():
             self.nginx.start()
         else:
             retiring = self.nginx.reload()
@@ -243,6 +271,8 @@ class Router:
         self.metrics.rollbacks.inc()
         folder = self.installer.keep_failed_candidate(self.installer.conf, new_files, str(exc))
         restored = self.installer.restore_previous()
+        if not restored:  # the first install: no previous file, and none is better than this
+            self.installer.conf.unlink(missing_ok=True)
         await asyncio.to_thread(self.installer.collect_garbage)
         reason = f"reload failed, previous config restored: {exc} (candidate kept in {folder})"
         if restored and self.served is not None:
@@ -258,7 +288,8 @@ class Router:
             except ReloadError as again:
                 reason += f"; reloading the previous config failed too: {again}"
         log(logger, "rolled back", logging.ERROR, revision=table.revision, error=str(exc))
-        self._refuse(rendered, reason)
+        # A reload can fail for reasons that pass (a port held for a while): retry later.
+        self._refuse(rendered, reason, for_s=RETRY_ROLLED_BACK_S)
         return Result(Outcome.ROLLED_BACK, self._error(reason))
 
     # -- refusals
@@ -286,9 +317,11 @@ class Router:
     def _error(self, message: str) -> Rejection:
         return Rejection(str(self.settings.nginx.conf), message)
 
-    def _refuse(self, rendered: Rendered, reason: str) -> Result:
-        """Remember a refused candidate (the last few) so it is not tried again."""
-        self._refused[rendered.sha256] = reason
+    def _refuse(self, rendered: Rendered, reason: str, *, for_s: float | None) -> Result:
+        """Remember a refused candidate (the last few): not tried again for
+        ``for_s`` seconds (None: never)."""
+        until = float("inf") if for_s is None else time.monotonic() + for_s
+        self._refused[rendered.sha256] = (reason, until)
         while len(self._refused) > 16:
             del self._refused[next(iter(self._refused))]
         return Result(Outcome.REJECTED, self._error(reason))

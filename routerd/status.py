@@ -75,4 +75,4 @@ class StatusWriter:
         """On a clean stop: revoke the lease so the router disappears at once."""
         if self._lease is not None:
             with contextlib.suppress(StoreError):
-                await self.store._call("revoke", self._lease.revoke())
+                await self.store.revoke(self._lease)

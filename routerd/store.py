@@ -85,6 +85,17 @@ class _Client(aetcd.Client):
             return await super().connect()
         if self._connected.is_set():
             return None
+        if self._is_connecting:  # another task is connecting: wait for it, as aetcd does
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return None
+        self._is_connecting = True
+        try:
+            await self._connect_tls()
+        finally:
+            self._is_connecting = False
+        return None
+
+    async def _connect_tls(self) -> None:
         target = f"{self._host}:{self._port}"
         self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
         if self._username is not None:
@@ -103,7 +114,6 @@ class _Client(aetcd.Client):
             rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
-        return None
 
 
 def _credentials(settings: EtcdSettings) -> grpc.ChannelCredentials | None:
@@ -148,8 +158,11 @@ class Store:
             self._client = self._new_client()
         return self._client
 
-    async def fail_over(self) -> None:
-        """Drop the channel and move to the next endpoint."""
+    async def fail_over(self, failed: _Client | None = None) -> None:
+        """Drop the channel and move to the next endpoint, once per failed client:
+        two tasks failing together must not skip past the next endpoint."""
+        if failed is not None and failed is not self._client:
+            return
         await self.close()
         self._endpoint += 1
 
@@ -168,6 +181,7 @@ class Store:
         return (self.prefix + rel).encode()
 
     async def _call(self, what: str, coro: Any) -> Any:
+        client = self._client  # the coroutine was made on this one
         try:
             result = await coro
         except asyncio.CancelledError as exc:
@@ -180,7 +194,7 @@ class Store:
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise Compacted(f"{what}: revision compacted at {exc.compacted_revision}") from exc
         except (aetcd.exceptions.ClientError, grpc.RpcError, OSError, TimeoutError) as exc:
-            await self.fail_over()
+            await self.fail_over(client)
             raise StoreError(f"etcd {what} failed: {exc or type(exc).__name__}") from exc
         self.heard()
         return result
@@ -254,9 +268,10 @@ class Store:
         )
 
         async def txn() -> Any:
-            await self.client.connect()
-            return await self.client.kvstub.Txn(
-                request, timeout=self.settings.timeout, metadata=self.client.metadata
+            client = self.client  # one client throughout, even if another task fails over
+            await client.connect()
+            return await client.kvstub.Txn(
+                request, timeout=self.settings.timeout, metadata=client.metadata
             )
 
         reply = await self._call("transaction", txn())
@@ -285,11 +300,13 @@ class Store:
 
     async def refresh(self, lease: Any) -> int:
         """Refresh a lease; its remaining TTL, 0 when it had already expired."""
-        reply = await self._call("lease refresh", lease.refresh())
+        # Through the current client: a Lease keeps the client it was granted
+        # on, which may be the endpoint we failed over from.
+        reply = await self._call("lease refresh", self.client.refresh_lease(lease.id))
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke(self, lease: Any) -> None:
-        await self._call("lease revoke", lease.revoke())
+        await self._call("lease revoke", self.client.revoke_lease(lease.id))
 
 
 def _prefix_end(key: bytes) -> bytes:

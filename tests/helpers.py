@@ -392,8 +392,12 @@ class Routerd:
 
     # -- process control
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 30.0) -> Routerd:
-        reap_nginx(self.conf_path)
+    def start(
+        self, *, wait_ready: bool = True, timeout: float = 30.0, reap: bool = True
+    ) -> Routerd:
+        """Start routerd; ``reap`` first stops an nginx a dead routerd left behind."""
+        if reap:
+            reap_nginx(self.conf_path)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with self.log_path.open("ab") as log:
