@@ -9,6 +9,8 @@ release changed. Does not render, write or talk to etcd.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from routerd.errors import InvalidValue
 from routerd.model import (
     APP_NAME,
+    IPV4,
     RELEASE_NAME,
     App,
     AppConfig,
@@ -50,6 +53,18 @@ class _AppKeys:
     instances: list[tuple[str, str, str, KeyValue]] = field(default_factory=list)
 
 
+DNS_TTL_S = 30.0  # how long a DNS name's verdict holds
+
+
+def dns_resolves(host: str, port: int) -> bool:
+    """Whether ``host`` resolves, as nginx will ask when it loads the config."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 class Loader:
     """Builds a RoutingTable from snapshots, remembering the last valid form
     of every key so a bad write never takes away what was routed before.
@@ -58,12 +73,16 @@ class Loader:
     which keeps a snapshot of 10,000 apps cheap to reload.
     """
 
-    def __init__(self, *, prefix: str, pool: str) -> None:
+    def __init__(
+        self, *, prefix: str, pool: str, resolves: Callable[[str, int], bool] = dns_resolves
+    ) -> None:
+        self.resolves = resolves
         self.prefix = prefix.rstrip("/")
         self.pool = pool
         self._parsed: dict[str, _Parsed] = {}
         self._last_valid: dict[str, Any] = {}
         self._groups: dict[str, _AppKeys] = {}
+        self._dns: dict[str, tuple[bool, float]] = {}  # host -> (resolves, checked at)
 
     def load(self, snapshot: Snapshot) -> RoutingTable:
         errors: list[Rejection] = []
@@ -265,16 +284,32 @@ class Loader:
             active = self._parse_or_last(
                 key, kv, lambda key=key, kv=kv: parse_release_name(key, kv.value), errors
             )
+            # Never valid: as if absent, which is what was served before it came.
         found: list[Instance] = []
+        # Every instance is checked, routed or not, so a deploy sees a bad one
+        # of its new release before it switches to it.
         for key, release, name, kv in keys.instances:
-            if active is not None and release != active:
-                continue
             instance = self._parse_or_last(
                 key, kv, lambda k=key, r=release, n=name, v=kv: _instance(k, r, n, v), errors
             )
-            if instance is not None:
+            if instance is None or (active is not None and release != active):
+                continue
+            if self._resolves(key, instance, errors):
                 found.append(instance)
         return tuple(sorted(found, key=lambda i: (i.release, i.name)))
+
+    def _resolves(self, key: str, instance: Instance, errors: list[Rejection]) -> bool:
+        """A DNS name nginx cannot resolve makes it refuse the whole config:
+        leave that instance out instead, and say so."""
+        if instance.host[0] == "[" or IPV4.fullmatch(instance.host):
+            return True
+        ok, checked = self._dns.get(instance.host, (False, -DNS_TTL_S))
+        if time.monotonic() - checked >= DNS_TTL_S:
+            ok = self.resolves(instance.host, instance.port)
+            self._dns[instance.host] = (ok, time.monotonic())
+        if not ok:
+            errors.append(Rejection(key, f"host {instance.host!r} does not resolve"))
+        return ok
 
 
 def _instance(key: str, release: str, name: str, kv: KeyValue) -> Instance:

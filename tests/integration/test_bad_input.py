@@ -186,3 +186,21 @@ def test_never_valid_app_is_not_served(etcd, routerd, backends):
     assert config_key("shop") in {e["key"] for e in status["errors"]}
     assert router.http("shop.example.com").status_code == 404
     assert backend.hits == 0
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_unresolvable_instance_host_is_rejected_alone(etcd, routerd, backends, mode):
+    """An instance named by a host that does not resolve (which would make
+    nginx -t refuse the whole config) is rejected alone: other changes go live."""
+    first, second = backends(2)
+    router = routerd(extra_args=("--dynamic-backends", mode))
+    router.wait_applied(etcd.txn(app_keys("shop", ["shop.example.com"], [first])))
+
+    bad = instance_key("shop", "v1", "ghost")
+    etcd.put(bad, "no-such-host.invalid:5000")
+    status = router.wait_applied(etcd.txn(app_keys("blog", ["blog.example.com"], [second])))
+
+    assert router.http("blog.example.com").text.strip() == second.name
+    assert router.http("shop.example.com").text.strip() == first.name
+    assert [e["key"] for e in status["errors"]] == [bad]
+    assert "does not resolve" in status["errors"][0]["error"]

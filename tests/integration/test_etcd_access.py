@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from tests.helpers import Etcd, ProcessDied, Routerd, app_keys, free_ports, require_binary
+from helpers import Etcd, ProcessDied, Routerd, app_keys, free_ports, require_binary
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,7 @@ serving, and the next routerd takes it over instead of starting another."""
 from __future__ import annotations
 
 import pytest
-
-from tests.helpers import app_keys, nginx_masters
+from helpers import app_keys, nginx_masters
 
 pytestmark = pytest.mark.integration
 

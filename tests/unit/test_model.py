@@ -17,6 +17,11 @@ PREFIX = "/routerd"
 POOL = "shared"
 
 
+def any_host(host: str, port: int) -> bool:
+    """Unit tests need no DNS: every made-up host name resolves."""
+    return True
+
+
 @dataclass(frozen=True)
 class Pki:
     """Two independent self-signed pairs (PEM text)."""
@@ -88,7 +93,7 @@ def snapshot(values: Mapping[str, bytes | str | KeyValue], revision: int = 1000)
 
 
 def load(values: Mapping[str, bytes | str | KeyValue], revision: int = 1000) -> RoutingTable:
-    return Loader(prefix=PREFIX, pool=POOL).load(snapshot(values, revision))
+    return Loader(prefix=PREFIX, pool=POOL, resolves=any_host).load(snapshot(values, revision))
 
 
 def names(table: RoutingTable) -> list[str]:
@@ -492,7 +497,7 @@ def test_bad_value_rejects_only_its_key(
 
 def test_bad_values_are_reported_again_on_every_load(pki: Pki) -> None:
     """A cached rejection is still listed on the next load of an unchanged snapshot."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     bad_instance = "apps/other/releases/v1/web.2"
     snap = snapshot({**base_values(pki), bad_instance: "a;b:80", CONFIG: b"{"})
     first, second = loader.load(snap), loader.load(snap)
@@ -697,7 +702,7 @@ def test_pool_filtering() -> None:
     )
     assert names(table) == ["blog", "shop"]
     assert table.errors == ()
-    dedicated = Loader(prefix=PREFIX, pool="dedicated-1").load(
+    dedicated = Loader(prefix=PREFIX, pool="dedicated-1", resolves=any_host).load(
         snapshot(
             {
                 "apps/shop/config": cfg(domains=["shop.example.com"]),
@@ -747,7 +752,7 @@ def test_duplicate_domain_partial_loss_keeps_other_domains() -> None:
 
 def test_last_valid_value_is_kept_when_a_key_turns_bad() -> None:
     """A config and an instance that turn bad are still served as they last were."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     good_config = cfg(domains=["shop.example.com"], options={"proxy_read_timeout": 90})
     first = loader.load(
         Snapshot(
@@ -778,7 +783,7 @@ def test_last_valid_value_is_kept_when_a_key_turns_bad() -> None:
 
 def test_last_valid_value_is_the_latest_valid_one() -> None:
     """Between good writes, the fallback is the most recent good value, not the first."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
 
     def at(mod: int, value: str) -> Snapshot:
         return Snapshot(mod, {"apps/shop/config": KeyValue(value.encode(), 1, mod)})
@@ -792,7 +797,7 @@ def test_last_valid_value_is_the_latest_valid_one() -> None:
 
 def test_active_turning_bad_keeps_last_active() -> None:
     """An `active` key that turns bad keeps routing the last valid release."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     values = {
         "apps/shop/config": KeyValue(cfg(domains=["shop.example.com"]).encode(), 1, 1),
         "apps/shop/releases/v1/web.1": KeyValue(b"10.0.0.1:5000", 2, 2),
@@ -806,7 +811,7 @@ def test_active_turning_bad_keeps_last_active() -> None:
 
 def test_key_deleted_then_readded_bad_is_not_served() -> None:
     """Deleting a key forgets its last valid value, so a bad re-add is not served."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     config = {"apps/shop/config": KeyValue(cfg(domains=["shop.example.com"]).encode(), 1, 1)}
     good = {**config, "apps/other/config": KeyValue(cfg(domains=["o.example.com"]).encode(), 2, 2)}
     assert names(loader.load(Snapshot(2, good))) == ["other", "shop"]
@@ -820,7 +825,7 @@ def test_key_deleted_then_readded_bad_is_not_served() -> None:
 
 def test_instance_deleted_then_readded_bad_is_not_served() -> None:
     """The same forgetting holds for an instance key."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     config = {"apps/shop/config": KeyValue(cfg(domains=["shop.example.com"]).encode(), 1, 1)}
     instance = "apps/shop/releases/v1/web.1"
     loader.load(Snapshot(2, {**config, instance: KeyValue(b"10.0.0.1:5000", 2, 2)}))
@@ -865,7 +870,7 @@ def test_wildcard_cert_matches_wildcard_domain(pki: Pki) -> None:
 
 def test_cert_turning_bad_keeps_last_valid_cert(pki: Pki) -> None:
     """A cert replaced by a mismatched pair keeps serving the last valid pair."""
-    loader = Loader(prefix=PREFIX, pool=POOL)
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=any_host)
     config = {"apps/shop/config": KeyValue(cfg(domains=["shop.example.com"]).encode(), 1, 1)}
     good = cert_json(pki.cert_a, pki.key_a).encode()
     bad = cert_json(pki.cert_a, pki.key_b).encode()
@@ -878,6 +883,35 @@ def test_cert_turning_bad_keeps_last_valid_cert(pki: Pki) -> None:
 
 def test_prefix_trailing_slash_is_ignored() -> None:
     """A prefix given with a trailing slash names keys exactly like one without."""
-    loader = Loader(prefix="/routerd/", pool=POOL)
+    loader = Loader(prefix="/routerd/", pool=POOL, resolves=any_host)
     table = loader.load(snapshot({"apps/shop/config": b"{"}))
     assert [r.key for r in table.errors] == ["/routerd/apps/shop/config"]
+
+
+def test_an_instance_whose_host_does_not_resolve_is_rejected_alone() -> None:
+    """nginx refuses a whole config over one unresolvable upstream host, so the
+    loader leaves that instance out, names its key, and keeps the app's others."""
+    values = {
+        CONFIG: json.dumps({"domains": ["shop.example.com"]}),
+        "apps/shop/releases/v1/a": "10.0.0.1:80",
+        "apps/shop/releases/v1/b": "gone.internal:80",
+        "apps/shop/releases/v1/c": "api.internal:80",
+    }
+    loader = Loader(prefix=PREFIX, pool=POOL, resolves=lambda host, port: host != "gone.internal")
+    table = loader.load(snapshot(values))
+    assert [r.key for r in table.errors] == [f"{PREFIX}/apps/shop/releases/v1/b"]
+    assert "does not resolve" in table.errors[0].error
+    assert [i.host for i in table.apps[0].instances] == ["10.0.0.1", "api.internal"]
+
+
+def test_instances_of_a_release_not_yet_active_are_checked() -> None:
+    """A bad instance of an inactive release is reported before any switch to it."""
+    values = {
+        CONFIG: json.dumps({"domains": ["shop.example.com"]}),
+        ACTIVE: "v1",
+        "apps/shop/releases/v1/a": "10.0.0.1:80",
+        "apps/shop/releases/v2/a": "10.0.0.2:99999",
+    }
+    table = Loader(prefix=PREFIX, pool=POOL, resolves=any_host).load(snapshot(values))
+    assert [r.key for r in table.errors] == [f"{PREFIX}/apps/shop/releases/v2/a"]
+    assert [i.address for i in table.apps[0].instances] == ["10.0.0.1:80"]
