@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,20 +37,42 @@ class LuaSupport:
 
 
 def detect_lua(nginx_bin: str) -> LuaSupport | None:
-    """Lua support of ``nginx_bin``: built in, a dynamic module, or none."""
+    """Lua support of ``nginx_bin``: built in, a dynamic module, or none. A module
+    file is not proof: it must load into this very binary (`nginx -t`)."""
     try:
         result = subprocess.run([nginx_bin, "-V"], capture_output=True, text=True, timeout=10)
     except OSError:
         return None
     flags = result.stderr
     if re.search(r"--add-module=\S*lua", flags):
-        return LuaSupport(())
-    match = re.search(r"--modules-path=(\S+)", flags)
-    folder = Path(match.group(1) if match else "/usr/lib/nginx/modules")
-    paths = [folder / name for name in LUA_MODULES]
-    if not paths[1].is_file():
-        return None
-    return LuaSupport(tuple(str(p) for p in paths if p.is_file()))
+        support = LuaSupport(())
+    else:
+        match = re.search(r"--modules-path=(\S+)", flags)
+        folder = Path(match.group(1) if match else "/usr/lib/nginx/modules")
+        paths = [folder / name for name in LUA_MODULES]
+        if not paths[1].is_file():
+            return None
+        support = LuaSupport(tuple(str(p) for p in paths if p.is_file()))
+    return support if _loads(nginx_bin, support) else None
+
+
+def _loads(nginx_bin: str, support: LuaSupport) -> bool:
+    """`nginx -t` of a tiny config that loads the modules and runs Lua."""
+    with tempfile.TemporaryDirectory(prefix="routerd-lua-") as folder:
+        conf = Path(folder) / "nginx.conf"
+        modules = "".join(f"load_module {m};\n" for m in support.modules)
+        conf.write_text(
+            f"{modules}pid {folder}/nginx.pid;\nerror_log stderr;\nevents {{}}\n"
+            "http { init_by_lua_block { require('ngx.balancer') } }\n"
+        )
+        try:
+            result = subprocess.run(
+                [nginx_bin, "-t", "-q", "-c", str(conf), "-p", f"{folder}/", "-e", "stderr"],
+                capture_output=True, timeout=30,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return result.returncode == 0
 
 
 def table_of(routing: RoutingTable) -> dict[str, str]:

@@ -35,6 +35,7 @@ from routerd.settings import (
     Settings,
     env_default,
     env_flag,
+    env_name,
     parse_endpoints,
     parse_listen,
 )
@@ -42,6 +43,7 @@ from routerd.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
+SAFE_PATH = re.compile(r"[A-Za-z0-9._/+@-]+")  # rendered into nginx.conf as they are
 INCLUDE = re.compile(r"^(\s*)include (routerd/apps/[^;]+\.conf);\n", re.MULTILINE)
 
 EPILOG = """\
@@ -70,6 +72,46 @@ def _flag(
     parser.add_argument(
         name, default=env_default(name, default), help=f"{help_text}{shown} [{env}]", **kw
     )
+
+
+def apply_environment(parser: argparse.ArgumentParser) -> None:
+    """Every flag of every command may come from ROUTERD_<FLAG> (SPEC 5).
+
+    argparse checks neither choices nor repeatable flags on defaults, so the
+    environment is read here, checked like the command line, and a bad value
+    is a usage error naming the variable. Repeatable flags take a comma list."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_environment(sub)
+            continue
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None or long in ("--help", "--version"):
+            continue
+        env = env_name(long)
+        if env not in os.environ:
+            continue
+        action.default = _from_environment(action, env, os.environ[env])
+        action.required = False
+
+
+def _from_environment(action: argparse.Action, env: str, raw: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    values = (
+        [v for v in raw.split(",") if v] if isinstance(action, argparse._AppendAction) else [raw]
+    )
+    converted = []
+    for value in values:
+        try:
+            value = action.type(value) if callable(action.type) else value
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(env, f"{raw!r} is not valid for {action.option_strings[-1]}") from exc
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            raise ConfigError(env, f"{value!r} is not one of {choices}")
+        converted.append(value)
+    return converted if isinstance(action, argparse._AppendAction) else converted[0]
 
 
 def _switch(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
@@ -313,6 +355,13 @@ def nginx_settings(args: argparse.Namespace, conf: Path) -> NginxSettings:
     runtime = _path(args.runtime_dir) or conf.parent
     supervise = getattr(args, "supervise", False)
     pid_file = _path(args.nginx_pid_file)
+    for flag, path in (
+        ("--nginx-conf", conf),
+        ("--runtime-dir", runtime),
+        ("--nginx-pid-file", pid_file),
+    ):
+        if path is not None and SAFE_PATH.fullmatch(str(path)) is None:
+            raise ConfigError(flag, f"{path} has characters nginx.conf cannot hold unquoted")
     return NginxSettings(
         conf=conf,
         runtime_dir=runtime,
@@ -335,15 +384,13 @@ def run_settings(args: argparse.Namespace) -> Settings:
     if args.supervise == bool(args.nginx_pid_file):
         raise ConfigError("--supervise", "give exactly one of --supervise or --nginx-pid-file")
     parse_listen("--metrics-listen", args.metrics_listen)
-    for flag in (
-        "debounce_min",
-        "debounce_max",
-        "resync_interval",
-        "stale_after",
-        "reload_timeout",
-    ):
-        if getattr(args, flag) <= 0 and flag != "debounce_min":
+    for flag in ("debounce_max", "resync_interval", "stale_after", "reload_timeout"):
+        if getattr(args, flag) <= 0:
             raise ConfigError("--" + flag.replace("_", "-"), "must be positive")
+    if args.debounce_min < 0:
+        raise ConfigError("--debounce-min", "must not be negative")
+    if args.keep_failed < 1:
+        raise ConfigError("--keep-failed", "must be at least 1 (the candidate just refused)")
     return Settings(
         etcd=etcd_settings(args),
         nginx=nginx_settings(args, conf),
@@ -499,6 +546,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
         )
     if name == "allow":
         return name, [item for item in raw.split(",") if item]
+    if name == "client_max_body_size":  # a size like "10m", and "10" stays text too
+        return name, raw
     try:
         return name, json.loads(raw)
     except ValueError:
@@ -752,7 +801,13 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        apply_environment(parser)
+    except ConfigError as exc:
+        print(f"routerd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
     logs.setup(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     try:
         return COMMANDS[args.command](args)

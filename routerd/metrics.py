@@ -88,9 +88,12 @@ class HealthServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+        with contextlib.suppress(
+            OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
+        ):
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            path = request.split(b" ", 2)[1].decode("ascii", "replace").split("?")[0]
+            parts = request.split(b" ", 2)
+            path = parts[1].decode("ascii", "replace").split("?")[0] if len(parts) > 1 else ""
             status, content_type, body = self._route(path)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
