@@ -120,7 +120,8 @@ class Router:
         """One snapshot through the straight line; ``changed`` names the keys
         that changed since the last call (None: unknown, load everything)."""
         started = time.monotonic()
-        table = self._load_changed(snapshot, changed)
+        # In a thread, like the full load: a new DNS-named instance is looked up.
+        table = await asyncio.to_thread(self._load_changed, snapshot, changed)
         if table is None:
             table = await asyncio.to_thread(self.loader.load, snapshot)
         self.table = table
