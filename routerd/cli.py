@@ -229,6 +229,11 @@ def _deploy_commands(commands: Any) -> None:
     gc = commands.add_parser("gc", help="remove releases and containers nothing routes to")
     gc.add_argument("app", nargs="?")
     gc.add_argument("--dry-run", action="store_true", help="say what would go; remove nothing")
+    gc.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove containers of apps etcd has no config for",
+    )
     _docker_flags(gc)
     _etcd_flags(gc)
 
@@ -658,9 +663,9 @@ def release_spec(args: argparse.Namespace) -> Any:
         raise ConfigError("--replicas", f"{args.replicas} is not 1..100")
     if not 1 <= args.port <= 65535:
         raise ConfigError("--port", f"{args.port} is not 1..65535")
-    if not args.health_path.startswith("/") or any(c.isspace() for c in args.health_path):
-        raise ConfigError("--health-path", f"{args.health_path!r} must be a path starting with /")
-    return ReleaseSpec(
+    from routerd.releases import spec_problems
+
+    spec = ReleaseSpec(
         image=args.image,
         env=env,
         replicas=args.replicas,
@@ -668,6 +673,10 @@ def release_spec(args: argparse.Namespace) -> Any:
         network=args.network,
         health_path=args.health_path,
     )
+    for problem in spec_problems(spec):  # the rules a release read back from etcd obeys too
+        field = problem.split(" ", 1)[0]
+        raise ConfigError("--" + field.replace("_", "-"), problem)
+    return spec
 
 
 def deploy_options(args: argparse.Namespace) -> Any:
@@ -747,7 +756,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     runtime = DockerRuntime(args.docker_host, advertise_host=args.advertise_host)
 
     async def work(store: Store) -> int:
-        count = await collect_garbage(store, runtime, app=args.app, dry_run=args.dry_run, say=_say)
+        count = await collect_garbage(
+            store, runtime, app=args.app, dry_run=args.dry_run, force=args.force, say=_say
+        )
         _say(f"gc: {'would remove' if args.dry_run else 'removed'} {count} container(s)")
         return EXIT_OK
 

@@ -8,16 +8,21 @@
                 meanwhile; then wait for the routers again
     6 destroy   drain, then remove the old release's keys and containers
 
+The plan, before step 1, fails at once when the pool has no live router
+(unless told not to wait for routers): step 3 could only fail later.
 A later release registers while ``active`` still names the old one, so the
 routers render nothing new until the switch: at most one reload per deploy.
 The first release of an app becomes active as it registers (nothing to
-switch from). One deploy per app at a time: ``releases.Lock``.
+switch from). One deploy per app at a time: ``releases.Lock``; every etcd
+write of steps 2, 5 and 6 applies only while the lock key still holds this
+deploy's token, so a deploy whose lock expired stops and rolls back.
 
-A ``Journal`` records what was done. A failure, or an interruption (the CLI
-cancels the task), up to the end of the drain is undone by ``routerd.undo``.
-After the drain step 6 only removes what nothing routes to any more, and it
-is not interrupted. Talks to etcd through ``Store`` and to containers through
-``Runtime`` only; never to nginx.
+A ``Journal`` records what was done. A failure up to step 6's etcd
+transaction, or an interruption (the CLI cancels the task) up to the end of
+the drain, is undone by ``routerd.undo``. After that transaction step 6 only
+removes what nothing routes to any more, and it is not interrupted. Talks to
+etcd through ``Store`` and to containers through ``Runtime`` only; never to
+nginx.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from routerd import releases, routers
 from routerd.errors import DeployError
 from routerd.model import APP_NAME, RELEASE_NAME
 from routerd.plan import DeployOptions, DeployReport, Journal, Plan
-from routerd.progress import Progress, Say, StepFailed
+from routerd.progress import Progress, Say, StepFailed, brief
 from routerd.releases import Lock, Release, ReleaseSpec, app_key
 from routerd.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
 from routerd.store import Check, Delete, Put, Store
@@ -72,6 +77,8 @@ class Deployer:
     ) -> DeployReport:
         name = release or releases.new_release_name()
         check_names(app, name)
+        if problems := releases.spec_problems(spec):
+            raise DeployError(f"cannot deploy {app} {name}: {'; '.join(problems)}")
         self.interruptible = True
         lock = Lock(self.store, app, f"deploy {name}", ttl=self.options.lock_ttl)
         await lock.acquire()
@@ -88,7 +95,15 @@ class Deployer:
         """Deploy again, as a new release, what served before the active release."""
         snapshot = await self.store.range(app_key(app, ""))
         active = releases.active_release(snapshot, app)
-        known = releases.history(snapshot, app)
+        known, rejected = releases.read_history(snapshot, app)
+        if bad := rejected.get(to) if to else next(iter(rejected.values()), None):
+            # A record is checked before anything is made from it; and without
+            # --to, one that cannot be read might be the release to go back to.
+            raise DeployError(
+                f"rollback of {app} refused: history record {self.store.prefix}{bad.key} is "
+                f"invalid: {bad.message}; correct or delete it"
+                + ("" if to else ", or name a valid release with --to")
+            ) from bad
         if to is not None:
             target = next((r for r in known if r.name == to), None)
             if target is None:
@@ -114,7 +129,10 @@ class Deployer:
         if new.name in registered or new.name == active:
             raise DeployError(f"release {new.name} of {app} already exists; pick another name")
         pool = releases.pool_of(config.value)
-        reports = await routers.live_routers(self.store, pool) if self.options.wait_routers else []
+        # Before anything starts: without a live router, step 3 could only fail.
+        reports = (
+            await routers.require_routers(self.store, pool) if self.options.wait_routers else []
+        )
         if hosts := (await self.store.range("hosts/")).kvs:
             self.say(
                 f"note: hosts/ lists {len(hosts)} host(s), but placement over hosts is not "
@@ -154,6 +172,11 @@ class Deployer:
             left = await self._roll_back(plan, journal)
             self.say(_outcome(plan, "interrupted", left))
             raise
+        except Exception as exc:  # a bug, not a RouterdError: still leave nothing behind
+            if not journal.committed:
+                left = await self._roll_back(plan, journal)
+                self.say(_outcome(plan, f"failed unexpectedly ({brief(exc)})", left))
+            raise
         total = time.monotonic() - started
         self.say(f"deployed {plan.app} {plan.release.name} in {total:.2f} s")
         return DeployReport(plan.app, plan.release.name, plan.active, progress.durations, total)
@@ -163,7 +186,7 @@ class Deployer:
         revision = await self._register(plan, lock, journal, progress)
         await self._confirm(plan, revision, progress)
         await self._switch(plan, lock, journal, progress)
-        await self._destroy(plan, journal, progress)
+        await self._destroy(plan, lock, journal, progress)
 
     async def _start(self, plan: Plan, journal: Journal, progress: Progress) -> None:
         spec = plan.release.spec
@@ -246,6 +269,7 @@ class Deployer:
             return
         what = f"active {plan.active or '(none)'} -> {new.name}"
         async with progress.step(5, "switch", what) as notes:
+            lock.ensure_held()
             active = app_key(plan.app, "active")
             guard = Check(active, mod_revision=plan.active_mod) if plan.active else Check(active)
             ops = [
@@ -263,12 +287,13 @@ class Deployer:
                 )
                 notes.extend(_served(plan, reports))
 
-    async def _destroy(self, plan: Plan, journal: Journal, progress: Progress) -> None:
+    async def _destroy(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> None:
         old = plan.old
         what = f"drain {self.options.drain:g} s, then remove {', '.join(old) or 'nothing'}"
         async with progress.step(6, "destroy", what) as notes:
             await asyncio.sleep(self.options.drain)
-            journal.committed, self.interruptible = True, False
+            self.interruptible = False
+            lock.ensure_held()
             known = releases.history(
                 await self.store.range(app_key(plan.app, "history/")), plan.app
             )
@@ -276,16 +301,20 @@ class Deployer:
                 Delete(app_key(plan.app, "releases", name, ""), prefix=True) for name in old
             ]
             ops += releases.prune_ops(known, {plan.release.name, *old}, plan.app)
-            if ops:
-                await self.store.transaction([], ops)
+            # Committed once this is sent: should etcd fail to answer, it may have
+            # applied it, and putting ``active`` back could name a deleted release.
+            journal.committed = True
+            if await self.store.transaction([lock.check()], ops) is None:
+                journal.committed = False  # refused, so nothing was written: roll back
+                raise DeployError(lock.lost_reason)
             removed = await remove_release(self.runtime, plan.app, old, self.options.stop_timeout)
             notes.append(f"{removed} container(s) removed")
 
     async def _why_refused(self, plan: Plan, lock: Lock) -> str:
         snapshot = await self.store.range(app_key(plan.app, ""))
         lock_kv = snapshot.kvs.get(lock.key)
-        if lock_kv is None or lock_kv.value != lock.token:
-            return "the deploy lock is no longer ours (it expired while etcd was unreachable?)"
+        if lock.lost or lock_kv is None or lock_kv.value != lock.token:
+            return lock.lost_reason
         active = snapshot.kvs.get(app_key(plan.app, "active"))
         now = active.value.decode("utf-8", "replace") if active else "(none)"
         written = f"written at revision {active.mod_revision}" if active else "deleted"

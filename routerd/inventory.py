@@ -4,7 +4,9 @@
 labelled for a release nothing routes to, and releases registered beside the
 active one (a deploy that died between register and switch; the history of
 such a release goes too unless it once served). It takes each app's deploy
-lock first, so it never touches a deploy in progress.
+lock first, so it never touches a deploy in progress, and leaves alone the
+containers of an app etcd has no config for (unless forced): those are
+someone else's, or the prefix is wrong.
 ``describe`` gathers one app's releases, instances, containers and what each
 router of its pool serves, for ``routerd status <app>``.
 """
@@ -16,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from routerd import releases, routers
-from routerd.errors import ContainerError, LockHeld
+from routerd.errors import ContainerError, DeployError, LockHeld
 from routerd.model import Snapshot
 from routerd.releases import Lock, Release, active_release, app_key, registered_releases
-from routerd.runtime import Container, Runtime
+from routerd.runtime import Container, Runtime, remove_each
 from routerd.store import Delete, Store
 
 Say = Callable[[str], None]
@@ -35,21 +37,52 @@ def routed(snapshot: Snapshot, app: str) -> set[str]:
 
 
 async def collect_garbage(
-    store: Store, runtime: Runtime, *, app: str | None = None, dry_run: bool = False, say: Say
+    store: Store,
+    runtime: Runtime,
+    *,
+    app: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    say: Say,
 ) -> int:
-    """Remove stale releases and their containers; how many containers went."""
+    """Remove stale releases and their containers; how many containers went.
+
+    Containers of an app with no ``apps/<app>/config`` are only listed,
+    unless ``force``: a wrong ``--prefix``, or another installation sharing
+    the engine, would otherwise make every serving container look stale.
+    A failed removal does not stop the others; at the end ContainerError
+    names each container left.
+    """
     containers = await asyncio.to_thread(runtime.list, app)
     snapshot = await store.range(app_key(app, "") if app else "apps/")
     apps = {c.app for c in containers if c.app} | _apps_with_releases(snapshot)
-    removed = 0
+    removed, failed = 0, list[str]()
     for name in sorted(apps if app is None else apps & {app}):
         mine = [c for c in containers if c.app == name]
-        removed += await _collect_app(store, runtime, name, mine, dry_run=dry_run, say=say)
+        if not force and app_key(name, "config") not in snapshot.kvs:
+            _refuse(store, name, mine, say)
+            continue
+        gone, left = await _collect_app(
+            store, runtime, name, mine, dry_run=dry_run, force=force, say=say
+        )
+        removed, failed = removed + gone, failed + left
+    if failed:
+        say(f"gc: removed {removed} container(s); {len(failed)} could not be removed")
+        raise ContainerError(f"gc: could not remove {'; '.join(failed)}")
     return removed
 
 
 def _apps_with_releases(snapshot: Snapshot) -> set[str]:
     return {k.split("/")[1] for k in snapshot.kvs if k.startswith("apps/") and "/releases/" in k}
+
+
+def _refuse(store: Store, app: str, containers: list[Container], say: Say) -> None:
+    names = ", ".join(f"{c.name} ({c.release}, {c.state})" for c in containers) or "nothing"
+    say(
+        f"gc: skipped {app}: etcd has no {store.prefix}{app_key(app, 'config')} "
+        f"(wrong --prefix, or another installation's app?); would remove {names}; "
+        "pass --force to remove them"
+    )
 
 
 async def _collect_app(
@@ -59,16 +92,21 @@ async def _collect_app(
     containers: list[Container],
     *,
     dry_run: bool,
+    force: bool,
     say: Say,
-) -> int:
+) -> tuple[int, list[str]]:
+    """(containers removed, a line per one that could not be)."""
     lock = Lock(store, app, "gc")
     try:
         await lock.acquire()
     except LockHeld as exc:
         say(f"gc: skipped {app}: {exc}")
-        return 0
+        return 0, []
     try:
         snapshot = await store.range(app_key(app, ""))
+        if not force and app_key(app, "config") not in snapshot.kvs:  # removed meanwhile
+            _refuse(store, app, containers, say)
+            return 0, []
         live = routed(snapshot, app)
         stale_keys = sorted(set(registered_releases(snapshot, app)) - live)
         stale = [c for c in containers if c.release not in live]
@@ -77,15 +115,16 @@ async def _collect_app(
         for container in stale:
             say(f"gc: {app}: removing {container.name} ({container.release}, {container.state})")
         if dry_run:
-            return len(stale)
+            return len(stale), []
         never_served = {r.name for r in releases.history(snapshot, app) if not r.activated}
         ops = [Delete(app_key(app, "releases", r, ""), prefix=True) for r in stale_keys]
         ops += [Delete(app_key(app, "history", r)) for r in stale_keys if r in never_served]
-        if ops:
-            await store.transaction([lock.check()], ops)
-        for container in stale:
-            await asyncio.to_thread(runtime.remove, container, timeout=10)
-        return len(stale)
+        if ops and await store.transaction([lock.check()], ops) is None:
+            raise DeployError(lock.lost_reason)
+        failed = await remove_each(runtime, stale, timeout=10)
+        for line in failed:
+            say(f"gc: {app}: could not remove {line}")
+        return len(stale) - len(failed), [f"{app}: {line}" for line in failed]
     finally:
         await lock.release()
 

@@ -47,6 +47,9 @@ class Progress:
             reason = brief(exc)
             self.line(number, name, f"failed after {since(started)}: {reason}")
             raise StepFailed(number, name, reason) from exc
+        except Exception as exc:  # a bug: say where, and let it through with its traceback
+            self.line(number, name, f"failed after {since(started)}: {type(exc).__name__}: {exc}")
+            raise
         self.durations[name] = time.monotonic() - started
         detail = f" ({'; '.join(notes)})" if notes else ""
         self.line(number, name, f"done in {since(started)}{detail}")

@@ -18,6 +18,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -26,13 +27,25 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from routerd.errors import DeployError, LockHeld, StoreError
+from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
 from routerd.logs import log
 from routerd.model import RELEASE_NAME, Snapshot
 from routerd.store import Check, Delete, Put, Store
 
 logger = logging.getLogger("routerd.releases")
 HISTORY_KEPT = 20
+
+# What a release may be made of. History records are read back from etcd, so
+# anyone who can write there could otherwise aim the health probe elsewhere
+# (a health path of "@other.host/" turns the container's address into a user
+# name) or start a thousand containers: every record is checked when read.
+IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+# Starts with "/" (so it can only ever be the path of the container's URL),
+# then RFC 3986 path and query characters, percent escapes, nothing else.
+HEALTH_PATH = re.compile(r"/(?:[A-Za-z0-9._~!$&'()*+,;=:@/?-]|%[0-9A-Fa-f]{2}){0,1023}")
+NETWORKS = ("bridge", "host")
+MAX_REPLICAS = 100
 
 
 def app_key(app: str, *parts: str) -> str:
@@ -91,6 +104,40 @@ class ReleaseSpec:
     health_path: str = "/"
 
 
+def spec_problems(spec: ReleaseSpec) -> list[str]:
+    """Why ``spec`` must not be run, each naming its field; empty when it is fine.
+
+    Checks types too: a record read from etcd may hold anything JSON does.
+    """
+    found = []
+    if not (isinstance(spec.image, str) and IMAGE.fullmatch(spec.image)):
+        found.append(f"image {spec.image!r} is not an image reference ({IMAGE.pattern})")
+    if not isinstance(spec.env, Mapping):
+        found.append(f"env {spec.env!r} is not an object")
+    else:
+        for name, value in spec.env.items():
+            if not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
+                found.append(f"env name {name!r} must match {ENV_NAME.pattern}")
+            elif not isinstance(value, str) or "\0" in value:
+                found.append(f"env {name} must be a string without NUL, not {value!r}")
+    if not (_is_int(spec.replicas) and 1 <= spec.replicas <= MAX_REPLICAS):
+        found.append(f"replicas {spec.replicas!r} is not a whole number 1..{MAX_REPLICAS}")
+    if not (_is_int(spec.port) and 1 <= spec.port <= 65535):
+        found.append(f"port {spec.port!r} is not a whole number 1..65535")
+    if spec.network not in NETWORKS:
+        found.append(f"network {spec.network!r} is not one of {', '.join(NETWORKS)}")
+    if not (isinstance(spec.health_path, str) and HEALTH_PATH.fullmatch(spec.health_path)):
+        found.append(
+            f"health_path {spec.health_path!r} must start with / and hold only URL path "
+            "characters (letters, digits, -._~!$&'()*+,;=:@/? and %XX)"
+        )
+    return found
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Release:
     name: str
@@ -105,37 +152,54 @@ class Release:
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, name: str, raw: bytes) -> Release:
+    def from_json(cls, name: str, raw: bytes, *, key: str = "") -> Release:
+        """Read a history record back; InvalidValue (naming ``key`` and the
+        field) unless every field is one a deploy may run with."""
+        key = key or f"history/{name}"
         try:
             data = json.loads(raw)
-            spec = ReleaseSpec(
-                image=str(data["image"]),
-                env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
-                replicas=int(data.get("replicas", 1)),
-                port=int(data.get("port", 5000)),
-                network=str(data.get("network", "bridge")),
-                health_path=str(data.get("health_path", "/")),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DeployError(f"history of release {name} is unreadable: {exc}") from exc
-        return cls(
-            name, spec, str(data.get("created", "")), data.get("activated"), data.get("rollback_of")
-        )
+        except ValueError as exc:
+            raise InvalidValue(key, f"not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidValue(key, "not a JSON object")
+        if "image" not in data:
+            raise InvalidValue(key, "image is missing")
+        defaults = asdict(ReleaseSpec(image=""))
+        spec = ReleaseSpec(**{attr: data.get(attr, value) for attr, value in defaults.items()})
+        problems = spec_problems(spec)
+        for attr in ("created", "activated", "rollback_of"):
+            value = data.get(attr)
+            if not (isinstance(value, str) or (value is None and attr != "created")):
+                problems.append(f"{attr} {value!r} is not a string")
+        rollback_of = data.get("rollback_of")
+        if isinstance(rollback_of, str) and not RELEASE_NAME.fullmatch(rollback_of):
+            problems.append(f"rollback_of {rollback_of!r} must match {RELEASE_NAME.pattern}")
+        if problems:
+            raise InvalidValue(key, "; ".join(problems))
+        return cls(name, spec, data["created"], data.get("activated"), rollback_of)
 
     def activated_now(self) -> Release:
         return replace(self, activated=self.activated or now())
 
 
-def history(snapshot: Snapshot, app: str) -> list[Release]:
-    """The app's releases in the order they were created (unreadable ones left out)."""
+def read_history(snapshot: Snapshot, app: str) -> tuple[list[Release], dict[str, InvalidValue]]:
+    """The app's valid releases in the order they were created, and why each
+    other record was rejected (release name -> error naming its key)."""
     base = app_key(app, "history", "")
-    found = []
+    found, rejected = [], {}
     for key, kv in snapshot.kvs.items():
         name = key[len(base) :]
         if key.startswith(base) and RELEASE_NAME.fullmatch(name):
-            with contextlib.suppress(DeployError):
-                found.append(Release.from_json(name, kv.value))
-    return sorted(found, key=lambda r: (r.created, r.name))
+            try:
+                found.append(Release.from_json(name, kv.value, key=key))
+            except InvalidValue as exc:
+                rejected[name] = exc
+    return sorted(found, key=lambda r: (r.created, r.name)), rejected
+
+
+def history(snapshot: Snapshot, app: str) -> list[Release]:
+    """The app's valid releases in the order they were created (invalid ones left out)."""
+    return read_history(snapshot, app)[0]
 
 
 def previous_release(releases: list[Release], active: str | None) -> Release:
@@ -199,7 +263,22 @@ class Lock:
         self._keeper: asyncio.Task[None] | None = None
 
     def check(self) -> Check:
+        """A transaction condition: the lock key still holds our token. The key
+        lives on our lease, so it holding our token also means the lease is alive."""
         return Check(self.key, value=self.token)
+
+    def ensure_held(self) -> None:
+        """Fail at once if the keeper saw the lease expire; ``check()`` in the
+        transaction itself stays the authority (the keeper polls)."""
+        if self.lost:
+            raise DeployError(self.lost_reason)
+
+    @property
+    def lost_reason(self) -> str:
+        return (
+            f"the deploy lock of {self.app} is no longer ours: its lease expired "
+            f"(etcd unreachable for more than {self.ttl} s?) or someone removed it"
+        )
 
     async def acquire(self) -> None:
         self._lease = await self.store.lease(self.ttl)

@@ -67,18 +67,24 @@ async def live_routers(store: Store, pool: str) -> list[RouterReport]:
     return sorted((r for r in reports if r and r.pool == pool), key=lambda r: r.router_id)
 
 
+async def require_routers(store: Store, pool: str) -> list[RouterReport]:
+    """The live routers of ``pool``; DeployError when there is none."""
+    routers = await live_routers(store, pool)
+    if not routers:
+        raise DeployError(
+            f"no live router in pool {pool} (none reports under routers/); "
+            "start one, or pass --no-wait-routers"
+        )
+    return routers
+
+
 async def wait_for_routers(
     store: Store, *, pool: str, revision: int, timeout: float, interval: float = 0.05
 ) -> list[RouterReport]:
     """Every live router of ``pool`` at ``revision`` or later; fails on none or on timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        routers = await live_routers(store, pool)
-        if not routers:
-            raise DeployError(
-                f"no live router in pool {pool} (none reports under routers/); "
-                "start one, or pass --no-wait-routers"
-            )
+        routers = await require_routers(store, pool)
         behind = [r for r in routers if r.revision < revision]
         if not behind:
             return routers

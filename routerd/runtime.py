@@ -11,15 +11,20 @@ honours SIGTERM (FACTS.md: busybox httpd as PID 1 ignores it). Images are
 never pulled: no registry may be reachable, and the engine answers a pull
 of a missing image with an opaque 500. Calls block; the controller runs
 them in threads. Knows nothing of etcd.
+
+This is the boundary for Docker's errors: whatever the SDK or its transport
+raises leaves here as ``ContainerError``, cause chained, so a deploy step
+fails and rolls back instead of escaping with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import time
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,35 +99,54 @@ class Unhealthy(ContainerError):
     """The container is gone for good (exited or removed): waiting longer is pointless."""
 
 
+# Everything the Docker SDK lets escape: its own errors, and those of the
+# transport under it (docker-py 7.1 does not wrap requests' ConnectionError
+# or a socket's OSError). Each becomes a ContainerError here, the boundary.
+ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError)
+
+
+@contextlib.contextmanager
+def engine_call(what: str) -> Iterator[None]:
+    """Turn any engine or transport error inside into ContainerError(what: why)."""
+    try:
+        yield
+    except ENGINE_ERRORS as exc:
+        raise ContainerError(f"{what}: {_one_line(exc)}") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DockerRuntime:
     """One Docker engine (``base_url``; None: ``DOCKER_HOST`` or the default socket)."""
 
     def __init__(self, base_url: str | None = None, *, advertise_host: str = "127.0.0.1") -> None:
         self.name = base_url or "local Docker engine"
         self.advertise_host = advertise_host
-        try:
+        with engine_call(f"cannot reach the {self.name}"):
             self.client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
             self.client.ping()
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot reach the {self.name}: {exc}") from exc
 
     def check_image(self, image: str) -> None:
         try:
-            self.client.images.get(image)
-        except docker.errors.ImageNotFound as exc:
-            raise ContainerError(
-                f"image {image!r} is not on the {self.name}; load or build it there first "
-                "(routerd never pulls)"
-            ) from exc
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot inspect image {image!r}: {exc}") from exc
+            with engine_call(f"cannot inspect image {image!r}"):
+                self.client.images.get(image)
+        except ContainerError as exc:
+            if isinstance(exc.__cause__, docker.errors.ImageNotFound):
+                raise ContainerError(
+                    f"image {image!r} is not on the {self.name}; load or build it there first "
+                    "(routerd never pulls)"
+                ) from exc.__cause__
+            raise
 
     def create(self, spec: ContainerSpec) -> Container:
         """Create (not start) a container: its id is known before anything runs."""
         options = _network_options(spec)
         env = {**spec.env, "ROUTERD_APP": spec.app, "ROUTERD_RELEASE": spec.release}
         env["PORT"] = str(options.pop("port"))
-        try:
+        with engine_call(f"cannot create {spec.name}"):
             created = self.client.containers.create(
                 spec.image,
                 name=spec.name,
@@ -132,17 +156,13 @@ class DockerRuntime:
                 detach=True,
                 **options,
             )
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot create {spec.name}: {exc}") from exc
         return self._describe(created)
 
     def start(self, container: Container) -> Container:
-        try:
+        with engine_call(f"cannot start {container.name}"):
             handle = self.client.containers.get(container.id)
             handle.start()
             handle.reload()
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot start {container.name}: {exc}") from exc
         started = self._describe(handle)
         if started.port is None:
             raise ContainerError(
@@ -156,6 +176,8 @@ class DockerRuntime:
 
         Raises Unhealthy when the container is no longer running.
         """
+        if not path.startswith("/"):  # else it would become part of the URL's authority
+            raise ContainerError(f"health path {path!r} does not start with /")
         self._check_running(container)
         try:
             answer = requests.get(
@@ -169,13 +191,18 @@ class DockerRuntime:
         return None if answer.status_code < 400 else f"HTTP {answer.status_code}"
 
     def _check_running(self, container: Container) -> None:
+        what = f"cannot inspect {container.name}"
         try:
-            handle = self.client.containers.get(container.id)
-        except docker.errors.NotFound as exc:
-            raise Unhealthy(f"{container.name} was removed") from exc
+            with engine_call(what):
+                handle = self.client.containers.get(container.id)
+        except ContainerError as exc:
+            if isinstance(exc.__cause__, docker.errors.NotFound):
+                raise Unhealthy(f"{container.name} was removed") from exc.__cause__
+            raise
         state = handle.attrs.get("State", {})
         if state.get("Status") != "running":
-            logs = handle.logs(tail=5).decode("utf-8", "replace").strip()
+            with engine_call(f"cannot read the output of {container.name}"):
+                logs = handle.logs(tail=5).decode("utf-8", "replace").strip()
             raise Unhealthy(
                 f"{container.name} {state.get('Status')} with code {state.get('ExitCode')}"
                 + (f"; last output: {logs!r}" if logs else "")
@@ -184,22 +211,22 @@ class DockerRuntime:
     def remove(self, container: Container, *, timeout: float) -> None:
         """Stop gracefully (SIGTERM, SIGKILL after ``timeout``), then remove."""
         try:
-            handle = self.client.containers.get(container.id)
-            handle.stop(timeout=max(0, round(timeout)))
-            handle.remove(v=True, force=True)
-        except docker.errors.NotFound:
-            return
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot remove {container.name}: {exc}") from exc
+            with engine_call(f"cannot remove {container.name}"):
+                handle = self.client.containers.get(container.id)
+                handle.stop(timeout=max(0, round(timeout)))
+                handle.remove(v=True, force=True)
+        except ContainerError as exc:
+            if not isinstance(exc.__cause__, docker.errors.NotFound):
+                raise
 
     def list(self, app: str | None = None, release: str | None = None) -> list[Container]:
         labels = [f"{LABEL_APP}={app}" if app else LABEL_APP]
         if release:
             labels.append(f"{LABEL_RELEASE}={release}")
-        try:
-            found = self.client.containers.list(all=True, filters={"label": labels})
-        except docker.errors.DockerException as exc:
-            raise ContainerError(f"cannot list containers on the {self.name}: {exc}") from exc
+        with engine_call(f"cannot list containers on the {self.name}"):
+            found = self.client.containers.list(
+                all=True, filters={"label": labels}, ignore_removed=True
+            )
         return sorted((self._describe(c) for c in found), key=lambda c: c.name)
 
     def _describe(self, handle: Any) -> Container:
@@ -268,10 +295,32 @@ async def wait_healthy(
 
 
 async def remove_release(runtime: Runtime, app: str, releases: list[str], timeout: float) -> int:
-    """Stop and remove every container of these releases, in parallel; how many."""
+    """Stop and remove every container of these releases, in parallel; how many.
+
+    One failed removal does not stop the others: each is tried, then one
+    ContainerError names every container that is left.
+    """
     found = [c for name in releases for c in await asyncio.to_thread(runtime.list, app, name)]
-    await run_all(asyncio.to_thread(runtime.remove, c, timeout=timeout) for c in found)
+    failed = await remove_each(runtime, found, timeout)
+    if failed:
+        raise ContainerError("; ".join(failed))
     return len(found)
+
+
+async def remove_each(runtime: Runtime, containers: list[Container], timeout: float) -> list[str]:
+    """Remove these containers in parallel, each whatever befalls the others;
+    a line per one that could not be removed."""
+    outcomes = await asyncio.gather(
+        *(asyncio.to_thread(runtime.remove, c, timeout=timeout) for c in containers),
+        return_exceptions=True,
+    )
+    failed = []
+    for container, outcome in zip(containers, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            if not isinstance(outcome, Exception):
+                raise outcome  # cancellation and the like: not a failed removal
+            failed.append(f"{container.name} ({_one_line(outcome)})")
+    return failed
 
 
 async def run_all(coros: Iterable[Awaitable[Any]]) -> None:

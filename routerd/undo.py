@@ -1,30 +1,37 @@
 """Rolling a deploy back: what the ``Journal`` says was done, undone in reverse.
 
-1. ``active`` back to the old release, only if it still names the new one,
-   and the routers waited for: nothing may route to a container about to stop.
-2. The new release's instances and history deregistered.
-3. Its containers stopped and removed, found by label, after any runtime
+1. ``active`` back to the old release, only if it still names the new one.
+2. The new release's instances and history deregistered (not while
+   ``active`` may still name it: that would leave the app nothing to serve).
+3. Where the routers may have routed to the new release, they are waited
+   for: nothing may route to a container about to stop. If they do not
+   confirm, the new containers keep running and are reported, for the
+   person to remove with ``routerd gc`` once the routers are back.
+4. Its containers stopped and removed, found by label, after any runtime
    call an interruption left running has finished (so none is orphaned).
 
 etcd may be down (that may be why the deploy failed): each etcd undo is
-retried until the rollback's deadline. What could not be undone is returned
-in words, for the person to act on (``routerd gc``).
+retried until the rollback's deadline. One failing undo never stops the
+others. What could not be undone is returned in words, for the person to
+act on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from routerd import routers
-from routerd.errors import DeployError, RouterdError, StoreError
+from routerd.errors import RouterdError, StoreError
 from routerd.plan import DeployOptions, Journal, Plan
 from routerd.progress import Say, brief, since
 from routerd.releases import app_key
 from routerd.runtime import Runtime, remove_release
 from routerd.store import Check, Delete, Put, Store
+
+T = TypeVar("T")
 
 
 class Undo:
@@ -36,66 +43,113 @@ class Undo:
 
     async def run(self, plan: Plan, journal: Journal) -> list[str]:
         """Undo the journal; what could not be undone, in words (empty: all of it)."""
-        started, left = time.monotonic(), []
+        started, left = time.monotonic(), list[str]()
         deadline = started + self.options.rollback_timeout
         self.say(f"rollback: undoing the deploy of {plan.app} {plan.release.name}")
         await _settle(journal)
-        if journal.switched or (journal.registered and plan.first):
-            left += await self._retry("restore active", lambda: self._restore(plan), deadline)
-        if journal.registered:
-            left += await self._retry("deregister", lambda: self._deregister(plan), deadline)
-        try:
-            removed = await remove_release(
-                self.runtime, plan.app, [plan.release.name], self.options.stop_timeout
-            )
-            self.say(f"rollback: removed {removed} container(s) of {plan.release.name}")
-        except RouterdError as exc:
-            left.append(f"containers of {plan.release.name} ({brief(exc)}; run: routerd gc)")
+        in_use = await self._undo_etcd(plan, journal, deadline, left)
+        left += await (self._keep(plan, journal, in_use) if in_use else self._remove(plan))
         outcome = f"left behind: {'; '.join(left)}" if left else "done"
         self.say(f"rollback: {outcome} in {since(started)}")
         return left
 
-    async def _retry(
-        self, what: str, undo: Callable[[], Awaitable[None]], deadline: float
-    ) -> list[str]:
+    async def _undo_etcd(
+        self, plan: Plan, journal: Journal, deadline: float, left: list[str]
+    ) -> str | None:
+        """Restore ``active``, deregister; why the routers may still send traffic
+        to the new containers, or None. Failures are appended to ``left``."""
+        new, restored = plan.release.name, None
+        if journal.switched or (journal.registered and plan.first):
+            try:
+                restored = await self._retry(
+                    "restore active", lambda: self._restore(plan), deadline
+                )
+            except Exception as exc:  # whatever it was, the containers are still decided on
+                left.append(f"restore active ({brief(exc)})")
+                if journal.registered:  # deregistering would leave active naming nothing
+                    left.append(f"{new} is still registered, as active may name it")
+                return f"active may still name {new}"
+        revision = restored or 0
+        if journal.registered:
+            try:
+                deregister = await self._retry(
+                    "deregister", lambda: self._deregister(plan), deadline
+                )
+                revision = max(revision, deregister)
+            except Exception as exc:
+                left.append(f"deregister {new} ({brief(exc)})")
+        if restored is None or not self.options.wait_routers:
+            return None  # the routers never routed to it, or the person chose not to wait
+        return await self._confirm(plan, revision)
+
+    async def _retry(self, what: str, undo: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Retry ``undo`` while etcd fails, until ``deadline``; then raise its error."""
         delay, warned = 0.2, False
         while True:
             try:
-                await undo()
-                return []
+                return await undo()
             except StoreError as exc:
                 if time.monotonic() + delay > deadline:
-                    return [f"{what} ({brief(exc)})"]
+                    raise
                 if not warned:
                     self.say(f"rollback: {what}: {brief(exc)}; retrying")
                     warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _restore(self, plan: Plan) -> None:
+    async def _restore(self, plan: Plan) -> int | None:
+        """Put ``active`` back; its revision, None when it no longer named the new release."""
         active = app_key(plan.app, "active")
         undo: Put | Delete = Put(active, plan.active.encode()) if plan.active else Delete(active)
         ours = Check(active, value=plan.release.name.encode())
         revision = await self.store.transaction([ours], [undo])
         if revision is None:
-            return  # the switch never happened, or someone else moved active on
+            return None  # the switch never happened, or someone else moved active on
         self.say(f"rollback: active is {plan.active or '(none)'} again")
-        if self.options.wait_routers:
-            with contextlib.suppress(DeployError):
-                await routers.wait_for_routers(
-                    self.store,
-                    pool=plan.pool,
-                    revision=revision,
-                    timeout=self.options.router_timeout,
-                )
+        return revision
 
-    async def _deregister(self, plan: Plan) -> None:
+    async def _deregister(self, plan: Plan) -> int:
         ops = [
             Delete(app_key(plan.app, "releases", plan.release.name, ""), prefix=True),
             Delete(app_key(plan.app, "history", plan.release.name)),
         ]
-        await self.store.transaction([], ops)
+        revision = await self.store.transaction([], ops)
         self.say(f"rollback: deregistered {plan.release.name}")
+        return revision or 0
+
+    async def _confirm(self, plan: Plan, revision: int) -> str | None:
+        """None once every router of the pool processed ``revision``; else why not."""
+        try:
+            await routers.wait_for_routers(
+                self.store, pool=plan.pool, revision=revision, timeout=self.options.router_timeout
+            )
+        except RouterdError as exc:
+            return f"the routers did not confirm they stopped routing to it ({brief(exc)})"
+        return None
+
+    async def _remove(self, plan: Plan) -> list[str]:
+        new = plan.release.name
+        try:
+            removed = await remove_release(self.runtime, plan.app, [new], self.options.stop_timeout)
+        except Exception as exc:  # e.g. the engine went away: say so, do not raise
+            return [f"containers of {new} ({brief(exc)}; run: routerd gc)"]
+        self.say(f"rollback: removed {removed} container(s) of {new}")
+        return []
+
+    async def _keep(self, plan: Plan, journal: Journal, why: str) -> list[str]:
+        """Leave the new containers running: stopping them could cut live traffic."""
+        new = plan.release.name
+        try:
+            found = await asyncio.to_thread(self.runtime.list, plan.app, new)
+            names = [c.name for c in found]
+        except Exception:  # the names the journal knows will do
+            names = [c.name for c in journal.containers]
+        self.say(f"rollback: keeping the containers of {new} running, as {why}")
+        return [
+            f"containers of {new} left running ({', '.join(names) or 'none found'}); once "
+            f"`routerd status {plan.app}` shows every router serving "
+            f"{plan.active or 'without ' + new}, run: routerd gc {plan.app}"
+        ]
 
 
 async def _settle(journal: Journal) -> None:

@@ -6,27 +6,34 @@ The image is a ``docker import`` of a tar holding Debian's static busybox
 (no registry is reachable here): ``/start.sh`` writes ``<app> <release>
 <MESSAGE>`` to ``/www/index.html`` and execs busybox ``httpd`` on ``$PORT``.
 Environment knobs make the failure cases: ``DELAY`` seconds before serving,
-``DIE`` exits with that code instead. Does not import routerd.
+``DIE`` exits with that code instead. ``DockerFaults`` stands between
+routerd and the engine and fails the requests a test names, as a real
+engine or a broken connection would. Does not import routerd.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import io
 import os
 import queue
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import PREFIX, REPO, in_ci
+from helpers import PREFIX, REPO, Etcd, in_ci
 
 IMAGE = "routerd-test-app:1"
 BUSYBOX_TOOLS = ("sh", "httpd", "sleep", "echo", "mkdir", "cat", "true")
@@ -203,3 +210,106 @@ def deploy_args(
 
 def stop_signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+# ------------------------------------------------------------ engine faults
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(self.path)
+
+
+class _FaultHandler(BaseHTTPRequestHandler):
+    server: _FaultServer
+    HOP = ("connection", "keep-alive", "transfer-encoding", "content-length")
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        fault = self.server.faults.fault_for(f"{self.command} {self.path}")
+        if fault == "drop":  # no answer at all: the client sees the connection aborted
+            self.close_connection = True
+            return
+        if fault == "500":
+            self._answer(500, [("Content-Type", "application/json")], b'{"message": "injected"}')
+            return
+        upstream = _UnixConnection(self.server.faults.socket_path)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in self.HOP}
+        upstream.request(self.command, self.path, body=body, headers=headers)
+        answer = upstream.getresponse()
+        data = answer.read()
+        kept = [(k, v) for k, v in answer.getheaders() if k.lower() not in self.HOP]
+        upstream.close()
+        self._answer(answer.status, kept, data)
+
+    def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _FaultServer(ThreadingHTTPServer):
+    daemon_threads = True
+    faults: DockerFaults
+
+
+class DockerFaults:
+    """An HTTP proxy to the local Docker socket, at ``url`` (for ``--docker-host``),
+    that answers the requests matching a rule with a 500 or drops them unanswered."""
+
+    def __init__(self, socket_path: str = "/var/run/docker.sock") -> None:
+        self.socket_path = socket_path
+        self.rules: list[tuple[re.Pattern[str], str]] = []
+        self.hits: list[str] = []
+        self.server = _FaultServer(("127.0.0.1", 0), _FaultHandler)
+        self.server.faults = self
+        self.url = f"tcp://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fail(self, request: str, how: str = "500") -> None:
+        """Fail every request whose ``METHOD /path`` matches the regex ``request``."""
+        assert how in ("500", "drop")
+        self.rules.append((re.compile(request), how))
+
+    def fault_for(self, request: str) -> str | None:
+        for pattern, how in self.rules:
+            if pattern.search(request):
+                self.hits.append(request)
+                return how
+        return None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def docker_socket() -> str:
+    host = os.environ.get("DOCKER_HOST", "")
+    return host.removeprefix("unix://") if host.startswith("unix://") else "/var/run/docker.sock"
+
+
+# ------------------------------------------------------------------ etcd
+
+
+def revoke_lease_of(etcd: Etcd, key: str) -> None:
+    """Revoke the lease ``key`` lives on, as if its holder stopped refreshing it."""
+    found = etcd._call("kv/range", {"key": base64.b64encode(key.encode()).decode()})
+    (kv,) = found["kvs"]
+    etcd._call("lease/revoke", {"ID": kv["lease"]})

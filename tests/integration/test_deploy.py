@@ -10,6 +10,7 @@ app name, so tests never see each other's containers.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import json
@@ -22,15 +23,24 @@ from typing import Any
 import pytest
 import requests
 from deploy_helpers import (
+    IMAGE,
     Deploy,
+    DockerFaults,
     app_containers,
     build_image,
     deploy_args,
     docker_client,
+    docker_socket,
     remove_app_containers,
+    revoke_lease_of,
     run,
 )
 from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
+
+from routerd.inventory import collect_garbage
+from routerd.runtime import DockerRuntime
+from routerd.settings import EtcdSettings, parse_endpoints
+from routerd.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -52,6 +62,14 @@ def app(docker: Any, etcd: Any) -> Any:
     etcd.put(config_key(name), app_config([f"{name}.test"]))
     yield name
     remove_app_containers(docker, name)
+
+
+@pytest.fixture
+def faults() -> Any:
+    """A Docker engine, through a proxy that fails the requests the test names."""
+    proxy = DockerFaults(docker_socket())
+    yield proxy
+    proxy.stop()
 
 
 def deploy(etcd: Any, app: str, *, expect: int = 0, **kwargs: Any) -> Deploy:
@@ -189,10 +207,13 @@ def test_a_second_deploy_of_the_same_app_is_refused_with_the_holder(etcd, router
 
 
 def test_deploy_without_routers_needs_no_wait_routers(etcd, docker, app):
-    """No live router in the pool fails the deploy, unless --no-wait-routers."""
+    """No live router in the pool fails the deploy before it starts anything,
+    unless --no-wait-routers."""
     failed = deploy(etcd, app, expect=1)
     assert "no live router in pool shared" in failed.output
+    assert "[1/6]" not in failed.output
     assert releases_of(docker, app) == set()
+    assert set(keys(etcd, app)) == {"config"}
 
     done = deploy(etcd, app, extra=["--no-wait-routers"])
     assert "[3/6] render: skipped (--no-wait-routers)" in done.output
@@ -224,12 +245,14 @@ def test_a_container_that_dies_right_after_start_rolls_back(etcd, docker, app, l
 
 
 def test_no_router_acknowledging_rolls_back(etcd, docker, app, live):
-    """With no router running, step 3 fails and the new release is undone."""
+    """A live router that does not process the registration in time fails step 3,
+    and the new release is undone."""
     router, first = live
-    router.stop()
-    failed = deploy(etcd, app, expect=1)
+    router.freeze()
+    failed = deploy(etcd, app, expect=1, extra=["--router-timeout", "1"])
+    router.thaw()
     assert "failed at step 3 (render)" in failed.output
-    router.start()
+    assert "did not report revision" in failed.output
     assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
 
 
@@ -320,6 +343,140 @@ def test_a_crashed_deploy_expires_its_lock_and_gc_cleans_up(etcd, routerd, docke
     assert_rolled_back(etcd, docker, router, app, first, release_of(crashed))
     assert served(router, app) == {first: 8}
     deploy(etcd, app)
+
+
+@pytest.mark.parametrize("how", ["500", "drop"])
+def test_a_docker_error_mid_deploy_still_rolls_back(etcd, docker, app, live, faults, how):
+    """The engine answering 500, or dropping the connection (docker-py passes
+    that on unwrapped), fails step 1 with a one-line reason; the rollback
+    still runs and removes the new containers."""
+    router, first = live
+    faults.fail(r"^GET /v[\d.]+/containers/\w+/logs", how)  # a dead container's output
+    extra = ["--docker-host", faults.url]
+    failed = deploy(etcd, app, expect=1, env={"DIE": "3"}, extra=extra)
+    assert faults.hits
+    assert "failed at step 1 (start)" in failed.output
+    assert "cannot read the output of" in failed.output
+    assert "Traceback" not in failed.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(failed))
+
+
+def test_a_lock_lost_before_the_destroy_rolls_back(etcd, docker, app, live):
+    """When the deploy lock's lease is gone by the end of the drain (etcd
+    expired it), step 6 removes nothing and the deploy is rolled back: another
+    deploy may hold the app by then."""
+    router, first = live
+    running = Deploy(etcd.endpoint, "deploy", *deploy_args(app, extra=["--drain", "1.5"]))
+    running.wait_line("[6/6] destroy:")
+    revoke_lease_of(etcd, f"{PREFIX}/apps/{app}/lock")
+
+    assert running.wait() == 1, running.output
+    assert "failed at step 6 (destroy)" in running.output
+    assert "lock of" in running.output and "no longer ours" in running.output
+    assert_rolled_back(etcd, docker, router, app, first, release_of(running))
+
+
+def test_a_rollback_the_routers_do_not_confirm_keeps_the_new_containers(etcd, docker, app, live):
+    """If the routers do not confirm that ``active`` is back on the old release,
+    the rollback keeps the new containers running (they may still get traffic)
+    and names them; ``routerd gc`` removes them once the routers caught up."""
+    router, first = live
+    extra = ["--drain", "5", "--router-timeout", "1.5"]
+    stopped = Deploy(etcd.endpoint, "deploy", *deploy_args(app, extra=extra))
+    stopped.wait_line("[6/6] destroy:")
+    router.freeze()  # its nginx keeps serving the new release
+    stopped.signal(signal.SIGTERM)
+    try:
+        assert stopped.wait() == 130, stopped.output
+        second = release_of(stopped)
+        assert "rollback: active is" in stopped.output
+        assert f"containers of {second} left running" in stopped.output
+        assert f"routerd-{app}-{second}-0" in stopped.output
+        assert f"routerd gc {app}" in stopped.output
+        assert served(router, app) == {second: 8}  # no request cut
+    finally:
+        router.thaw()
+    router.wait_applied(etcd.revision())
+    assert served(router, app) == {first: 8}
+    assert releases_of(docker, app) == {first, second}
+
+    done = run(etcd.endpoint, "gc", app)
+    assert done.proc.returncode == 0, done.output
+    assert_rolled_back(etcd, docker, router, app, first, second)
+
+
+def test_rollback_refuses_a_history_record_that_fails_validation(etcd, docker, app, live):
+    """A history record read back from etcd is validated before a rollback makes
+    anything of it: a health path that would probe another host is refused,
+    naming the key, and nothing starts."""
+    router, first = live
+    second = release_of(deploy(etcd, app, env={"MESSAGE": "two"}))
+    key = f"{PREFIX}/apps/{app}/history/{first}"
+    record = json.loads(etcd.get(key) or "{}")
+    etcd.put(key, json.dumps({**record, "health_path": "@other.host/"}))
+
+    done = run(etcd.endpoint, "rollback", app, "--health-timeout", "2", "--drain", "0.5")
+
+    assert done.proc.returncode == 1, done.output
+    assert f"history record {key} is invalid: health_path '@other.host/'" in done.output
+    assert "[1/6]" not in done.output
+    assert releases_of(docker, app) == {second}
+    assert served(router, app) == {second: 8}
+
+
+# ---------------------------------------------------------------- gc
+
+
+def test_gc_leaves_the_containers_of_an_app_etcd_does_not_know(etcd, docker, app):
+    """Containers of an app with no config under the prefix (another
+    installation's, or a wrong --prefix) are listed, not removed; forced, they go."""
+    foreign = f"other-{secrets.token_hex(3)}"
+    container = docker.containers.create(
+        IMAGE, labels={"routerd.app": foreign, "routerd.release": "r1"}
+    )
+    try:
+        done = run(etcd.endpoint, "gc", foreign)
+        assert done.proc.returncode == 0, done.output
+        assert f"skipped {foreign}: etcd has no {PREFIX}/apps/{foreign}/config" in done.output
+        assert "would remove" in done.output and "--force" in done.output
+        assert [c.id for c in app_containers(docker, foreign)] == [container.id]
+
+        said: list[str] = []
+        removed = asyncio.run(_gc(etcd, foreign, said.append, force=True))
+        assert removed == 1, said
+        assert app_containers(docker, foreign) == []
+    finally:
+        remove_app_containers(docker, foreign)
+
+
+async def _gc(etcd: Any, app: str, say: Any, **options: Any) -> int:
+    settings = EtcdSettings(endpoints=parse_endpoints("--etcd", etcd.endpoint), prefix=PREFIX)
+    store = Store(settings)
+    try:
+        return await collect_garbage(store, DockerRuntime(), app=app, say=say, **options)
+    finally:
+        await store.close()
+
+
+def test_gc_goes_on_past_a_container_it_cannot_remove(etcd, docker, app, faults):
+    """One container the engine fails to remove is reported; gc removes the
+    others and exits non-zero."""
+    stuck, _ = (
+        docker.containers.create(
+            IMAGE,
+            name=f"routerd-{app}-gone-{n}",
+            labels={"routerd.app": app, "routerd.release": "gone"},
+        )
+        for n in range(2)
+    )
+    faults.fail(rf"^DELETE /v[\d.]+/containers/{stuck.id}", "500")
+
+    done = run(etcd.endpoint, "gc", app, "--docker-host", faults.url)
+
+    assert done.proc.returncode == 1, done.output
+    assert f"could not remove routerd-{app}-gone-0" in done.output
+    assert "Traceback" not in done.output
+    assert [c.id for c in app_containers(docker, app)] == [stuck.id]
 
 
 # ---------------------------------------------------------------- zero downtime

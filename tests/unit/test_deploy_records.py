@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from routerd.errors import DeployError
+from routerd.errors import DeployError, InvalidValue
 from routerd.model import KeyValue, Snapshot
 from routerd.releases import (
     HISTORY_KEPT,
@@ -17,7 +17,9 @@ from routerd.releases import (
     pool_of,
     previous_release,
     prune_ops,
+    read_history,
     registered_releases,
+    spec_problems,
 )
 from routerd.routers import parse_report
 from routerd.runtime import ContainerSpec, _network_options, _published_port
@@ -53,6 +55,84 @@ def test_unreadable_history_is_left_out() -> None:
         "shop",
     )
     assert [r.name for r in found] == ["r1", "r2"]
+
+
+GOOD_RAW = release("r1", "2026-01-01", "2026-01-02").to_json()
+GOOD = json.loads(GOOD_RAW)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("health_path", "@other.host/"),
+        ("health_path", "healthz"),
+        ("health_path", ""),
+        ("health_path", "/a b"),
+        ("health_path", '/a"b'),
+        ("health_path", "/a#b"),
+        ("health_path", "/%zz"),
+        ("health_path", "/a\\b"),
+        ("health_path", 5),
+        ("replicas", 0),
+        ("replicas", 101),
+        ("replicas", "2"),
+        ("replicas", 2.5),
+        ("replicas", True),
+        ("port", 0),
+        ("port", 65536),
+        ("port", "5000"),
+        ("network", "none"),
+        ("network", "container:other"),
+        ("env", {"A-B": "x"}),
+        ("env", {"1A": "x"}),
+        ("env", {"A": 1}),
+        ("env", {"A": "a\0b"}),
+        ("env", ["A=b"]),
+        ("image", "-v"),
+        ("image", "shop 1"),
+        ("image", ""),
+        ("image", None),
+        ("created", 5),
+        ("activated", ["x"]),
+        ("rollback_of", "../x"),
+    ],
+)
+def test_a_history_record_with_a_bad_field_is_rejected_naming_key_and_field(
+    field: str, value: object
+) -> None:
+    """Every field of a record read back from etcd is checked before a rollback
+    may run it; the error names the key and the field."""
+    raw = json.dumps({**GOOD, field: value}).encode()
+    with pytest.raises(InvalidValue) as caught:
+        Release.from_json("r1", raw, key="apps/shop/history/r1")
+    assert caught.value.key == "apps/shop/history/r1"
+    assert caught.value.message.startswith(field)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1]", b'{"created": "1"}', b'{"image": "x"}'])
+def test_an_unreadable_history_record_is_rejected(raw: bytes) -> None:
+    """Not JSON, not an object, no image, no creation time: each is rejected."""
+    with pytest.raises(InvalidValue):
+        Release.from_json("r1", raw)
+
+
+def test_a_valid_record_may_use_every_url_path_character() -> None:
+    """Paths with a query, escapes and sub-delimiters, bridge or host, are fine."""
+    record = {**GOOD, "health_path": "/health/z?full=1&x=%20;a:b@c~!$'()*+,=", "network": "bridge"}
+    made = Release.from_json("r1", json.dumps(record).encode())
+    assert made.spec.health_path.startswith("/health/z?")
+    assert spec_problems(made.spec) == []
+
+
+def test_read_history_reports_each_rejected_record() -> None:
+    """read_history keeps the valid records and says why each other one was refused."""
+    bad = json.dumps({**GOOD, "health_path": "@evil/"}).encode()
+    snap = snapshot({"apps/shop/history/r1": GOOD_RAW, "apps/shop/history/r2": bad})
+    known, rejected = read_history(snap, "shop")
+    assert [r.name for r in known] == ["r1"]
+    assert set(rejected) == {"r2"}
+    assert rejected["r2"].key == "apps/shop/history/r2"
+    assert "health_path '@evil/'" in str(rejected["r2"])
 
 
 def test_previous_release_is_the_last_one_served_before_the_active() -> None:
