@@ -64,7 +64,7 @@ examples:
 
 
 def _flag(
-    parser: argparse.ArgumentParser, name: str, default: str | None = None, **kw: Any
+    parser: argparse._ActionsContainer, name: str, default: str | None = None, **kw: Any
 ) -> None:
     env = "ROUTERD_" + name.lstrip("-").upper().replace("-", "_")
     help_text = kw.pop("help", "")
@@ -101,10 +101,10 @@ def _from_environment(action: argparse.Action, env: str, raw: str) -> Any:
     values = (
         [v for v in raw.split(",") if v] if isinstance(action, argparse._AppendAction) else [raw]
     )
-    converted = []
-    for value in values:
+    converted: list[Any] = []
+    for text in values:
         try:
-            value = action.type(value) if callable(action.type) else value
+            value: Any = action.type(text) if callable(action.type) else text
         except (TypeError, ValueError) as exc:
             raise ConfigError(env, f"{raw!r} is not valid for {action.option_strings[-1]}") from exc
         if action.choices is not None and value not in action.choices:
@@ -114,7 +114,7 @@ def _from_environment(action: argparse.Action, env: str, raw: str) -> Any:
     return converted if isinstance(action, argparse._AppendAction) else converted[0]
 
 
-def _switch(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
+def _switch(parser: argparse._ActionsContainer, name: str, help_text: str) -> None:
     env = "ROUTERD_" + name.lstrip("-").upper().replace("-", "_")
     parser.add_argument(
         name, action="store_true", default=env_flag(name), help=f"{help_text} [{env}]"
@@ -588,8 +588,8 @@ def cmd_apps(args: argparse.Namespace) -> int:
                 }
             )
             for name in names:
-                raw = snapshot.kvs.get(f"apps/{name}/config")
-                print(f"{name}\t{raw.value.decode('utf-8', 'replace') if raw else '(no config)'}")
+                kv = snapshot.kvs.get(f"apps/{name}/config")
+                print(f"{name}\t{kv.value.decode('utf-8', 'replace') if kv else '(no config)'}")
         return EXIT_OK
 
     return asyncio.run(_with_store(args, work))

@@ -267,7 +267,7 @@ class Daemon:
                 nginx.start()
             live = await nginx.serving()
             adopt = live is not None and live != self.router.served and not self.router.busy
-            if adopt and live == installer.installed_generation():
+            if adopt and live is not None and live == installer.installed_generation():
                 log(logger, "nginx serves the installed config", sha256=live[:12])
                 self.router.adopt(live)
                 self.changed()

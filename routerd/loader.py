@@ -9,6 +9,7 @@ release changed. Does not render, write or talk to etcd.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Callable
@@ -248,7 +249,7 @@ class Loader:
                 continue
             key, kv = keys.config
             config = self._parse_or_last(
-                key, kv, lambda key=key, kv=kv: parse_app_config(key, kv.value), errors
+                key, kv, functools.partial(parse_app_config, key, kv.value), errors
             )
             if config is not None and config.pool == self.pool:
                 configs[name] = (config, kv.create_revision)
@@ -282,7 +283,7 @@ class Loader:
         if keys.active is not None:
             key, kv = keys.active
             active = self._parse_or_last(
-                key, kv, lambda key=key, kv=kv: parse_release_name(key, kv.value), errors
+                key, kv, functools.partial(parse_release_name, key, kv.value), errors
             )
             # Never valid: as if absent, which is what was served before it came.
         found: list[Instance] = []
@@ -290,7 +291,7 @@ class Loader:
         # of its new release before it switches to it.
         for key, release, name, kv in keys.instances:
             instance = self._parse_or_last(
-                key, kv, lambda k=key, r=release, n=name, v=kv: _instance(k, r, n, v), errors
+                key, kv, functools.partial(_instance, key, release, name, kv), errors
             )
             if instance is None or (active is not None and release != active):
                 continue

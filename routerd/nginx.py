@@ -144,7 +144,7 @@ class Installer:
 
     def collect_garbage(self) -> int:
         """Remove shard and cert files that neither nginx.conf nor .prev names."""
-        keep = set()
+        keep: set[str] = set()
         for path in (self.conf, self.prev):
             with contextlib.suppress(FileNotFoundError):
                 keep.update(m.decode() for m in REFERENCE.findall(path.read_bytes()))
@@ -302,7 +302,12 @@ class Nginx:
         return body.strip().decode() if head.startswith(b"HTTP/1.1 200") else None
 
     async def confirm(
-        self, generation: str, *, offset: int, timeout: float, retiring: set[int] = frozenset()
+        self,
+        generation: str,
+        *,
+        offset: int,
+        timeout: float,
+        retiring: frozenset[int] | set[int] = frozenset(),
     ) -> None:
         """Wait until nginx serves ``generation`` to every new connection: the new
         workers answer with it and the ``retiring`` ones stopped accepting (the

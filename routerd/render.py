@@ -155,7 +155,7 @@ class Renderer:
             groups.setdefault(shard_of(app.name), []).append(app)
         self._app_text = {a.name: v for a in apps if (v := self._app_text.get(a.name))}
         self._shard_apps = {shard: [a.name for a in members] for shard, members in groups.items()}
-        shards = {}
+        shards: dict[str, str] = {}
         for shard, members in groups.items():
             shards.update([self._shard_file(shard, [self._render_app(a) for a in members])])
         return shards
@@ -166,7 +166,7 @@ class Renderer:
             if app.name in table.dirty:  # type: ignore[operator]
                 self._render_app(app)
         touched = {shard_of(name) for name in table.dirty or ()}
-        shards = {}
+        shards: dict[str, str] = {}
         for shard, names in self._shard_apps.items():
             texts = [self._app_text[n][1] for n in names] if shard in touched else None
             shards.update([self._shard_file(shard, texts)])

@@ -85,7 +85,7 @@ class _Client(aetcd.Client):
             return await super().connect()
         if self._connected.is_set():
             return None
-        if self._is_connecting:  # another task is connecting: wait for it, as aetcd does
+        if self._is_connecting:  # type: ignore[has-type]  # another task connects: wait, as aetcd does
             await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
             return None
         self._is_connecting = True
