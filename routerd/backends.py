@@ -160,6 +160,17 @@ class Backends:
                     self.pushed.pop(app, None)
         return len(entries)
 
+    async def restore(self, revision: int) -> None:
+        """Push the last pushed table whole again (and its file): after a rollback,
+        nginx must not keep the table the refused generation loaded."""
+        table = dict(self.pushed or {})
+        body = "\n".join([f"revision {revision} full"] + [f"{a} {v}" for a, v in table.items()])
+        answer = await self._request("POST", (body + "\n").encode())
+        if answer != f"revision {revision}":
+            self.pushed = None
+            raise ReloadError(f"nginx refused the backend restore: {answer}")
+        self.write_file(revision)
+
     async def held_revision(self) -> int | None:
         """The revision nginx's table holds, or None when nginx does not answer."""
         try:

@@ -179,14 +179,25 @@ class Nginx:
         self.error_log = runtime_dir / "error.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.adopted: int | None = None  # a master a previous routerd started
+        self.stale_sockets: list[Path] = []  # unix sockets the config listens on
 
     def prepare_runtime(self) -> None:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (self.runtime_dir / "tmp" / sub).mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
-        """--supervise: run the master in the foreground as routerd's child."""
+        """--supervise: run the master in the foreground as routerd's child.
+
+        A master that died (SIGKILL, OOM) leaves its workers holding the
+        listen sockets, and nginx leaves unix sockets behind: clear both, or
+        the new master fails to bind forever."""
         self.prepare_runtime()
+        for dead in (self.adopted, self.process.pid if self.process else None):
+            if dead is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(dead, signal.SIGKILL)  # started in its own session: its group
+        for path in self.stale_sockets:
+            path.unlink(missing_ok=True)
         self.adopted = None
         self.process = subprocess.Popen(
             [
@@ -308,6 +319,7 @@ class Nginx:
         offset: int,
         timeout: float,
         retiring: frozenset[int] | set[int] = frozenset(),
+        fail_fast: bool = True,
     ) -> None:
         """Wait until nginx serves ``generation`` to every new connection: the new
         workers answer with it and the ``retiring`` ones stopped accepting (the
@@ -319,7 +331,7 @@ class Nginx:
             served = await self.serving() == generation
             if served and not any(_is_serving_worker(pid) for pid in retiring):
                 return
-            if errors := self.errors_since(offset):
+            if fail_fast and (errors := self.errors_since(offset)):
                 raise ReloadError(errors[-1])
             if (code := self.exited()) is not None:
                 raise ReloadError(f"nginx exited with code {code}")

@@ -13,6 +13,7 @@ reported in the Result; the daemon decides what to log and when to retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -102,6 +103,8 @@ class Router:
             supervise=ns.supervise,
             pid_file=Path(layout_of(settings).pid_file),
         )
+        if self.backends is not None:
+            self.nginx.stale_sockets = [self.backends.socket]
         self.nginx.prepare_runtime()
         self.installer.remove_stale_temporaries()
         self.served = self.installer.installed_generation()
@@ -269,7 +272,6 @@ class Router:
         self, table: RoutingTable, rendered: Rendered, new_files: list[Path], exc: ReloadError
     ) -> Result:
         self.metrics.reloads.labels(result="failed").inc()
-        self.metrics.rollbacks.inc()
         folder = self.installer.keep_failed_candidate(self.installer.conf, new_files, str(exc))
         restored = self.installer.restore_previous()
         if not restored:  # the first install: no previous file, and none is better than this
@@ -285,9 +287,14 @@ class Router:
                     offset=offset,
                     timeout=self.settings.nginx.reload_timeout,
                     retiring=retiring,
+                    fail_fast=False,  # the failed reload may still be logging its [emerg]
                 )
             except ReloadError as again:
                 reason += f"; reloading the previous config failed too: {again}"
+        if self.backends is not None:  # the failed generation loaded the candidate's table
+            with contextlib.suppress(ReloadError, OSError):
+                await self.backends.restore(table.revision)
+        self.metrics.rollbacks.inc()  # counted once the previous state is back
         log(logger, "rolled back", logging.ERROR, revision=table.revision, error=str(exc))
         # A reload can fail for reasons that pass (a port held for a while): retry later.
         self._refuse(rendered, reason, for_s=RETRY_ROLLED_BACK_S)

@@ -18,9 +18,17 @@ local parsed = {} -- per worker: app -> { raw = "...", peers = { {host, port}, .
 local next_index = {} -- per worker: app -> round-robin position
 
 local function parse_peer(text)
-    local host, port = text:match("^(%d+%.%d+%.%d+%.%d+):(%d+)$")
-    if not host then
-        host, port = text:match("^%[([%x:%.]+)%]:(%d+)$")
+    local a, b, c, d, port = text:match("^(%d+)%.(%d+)%.(%d+)%.(%d+):(%d+)$")
+    local host
+    if a then
+        for _, octet in ipairs({ a, b, c, d }) do
+            if tonumber(octet) > 255 then
+                return nil
+            end
+        end
+        host = a .. "." .. b .. "." .. c .. "." .. d
+    else
+        host, port = text:match("^(%[[%x:%.]+%]):(%d+)$")
     end
     port = tonumber(port)
     if not host or not port or port < 1 or port > 65535 then
