@@ -35,6 +35,7 @@ def burst(bench: Bench, apps: int, puts: int, round_no: int) -> tuple[float, flo
             return started
 
     reloads_before = bench.metric("routerd_reloads_total")
+    pushes_before = bench.metric("routerd_backend_pushes_total")
     started = asyncio.run(run())
     last_put = time.perf_counter()
     expected = f"backend-{target}"
@@ -44,7 +45,8 @@ def burst(bench: Bench, apps: int, puts: int, round_no: int) -> tuple[float, flo
     live = time.perf_counter()
     time.sleep(1.5)  # count reloads that were still queued
     reloads = bench.metric("routerd_reloads_total") - reloads_before
-    return last_put - started, live - last_put, reloads
+    pushes = bench.metric("routerd_backend_pushes_total") - pushes_before
+    return last_put - started, live - last_put, reloads, pushes
 
 
 def main() -> None:
@@ -52,27 +54,35 @@ def main() -> None:
     parser.add_argument("--apps", type=int, default=1000)
     parser.add_argument("--puts", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="off,on", help="--dynamic-backends values to run")
     args = parser.parse_args()
+    for mode in args.modes.split(","):
+        run_mode(args, mode)
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> None:
     with Bench() as bench:
         bench.load_apps(args.apps)
-        bench.start_routerd()
+        bench.start_routerd("--dynamic-backends", mode)
         bench.wait_ready()
         wait_until(
             lambda: backend_of(bench, "app00000.example.com").startswith("backend-"),
             30,
             "first app",
         )
-        print(f"burst of {args.puts} puts over {args.apps} apps (reload path):")
+        label = "reload path" if mode == "off" else "dynamic backends (Lua)"
+        print(f"{label}: burst of {args.puts} puts over {args.apps} apps:")
         results = []
         for round_no in range(args.rounds):
-            duration, to_live, reloads = burst(bench, args.apps, args.puts, round_no)
-            results.append((duration, to_live, reloads))
+            duration, to_live, reloads, pushes = burst(bench, args.apps, args.puts, round_no)
+            results.append((duration, to_live, reloads, pushes))
             print(
                 f"  round {round_no + 1}: puts took {duration:.2f} s, {reloads:.0f} reloads, "
-                f"last put to live {to_live * 1000:.0f} ms"
+                f"{pushes:.0f} pushes, last put to live {to_live * 1000:.0f} ms"
             )
         print(
-            f"  median: {statistics.median(r[2] for r in results):.0f} reloads, last put to live "
+            f"  median: {statistics.median(r[2] for r in results):.0f} reloads, "
+            f"{statistics.median(r[3] for r in results):.0f} pushes, last put to live "
             f"{statistics.median(r[1] for r in results) * 1000:.0f} ms"
         )
 
