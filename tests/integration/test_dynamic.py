@@ -29,6 +29,7 @@ from helpers import (
     children_of,
     config_key,
     free_ports,
+    in_ci,
     instance_key,
     make_cert,
     metric_sum,
@@ -126,10 +127,13 @@ class _V6Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def ipv6_backend():
-    """An HTTP server on [::1] answering ``backend-v6``; its port (skips without IPv6)."""
+    """An HTTP server on [::1] answering ``backend-v6``; its port (without IPv6: skips,
+    or fails under CI=true like any missing dependency)."""
     try:
         server = _V6Server(("::1", 0), _V6Handler)
     except OSError as exc:
+        if in_ci():
+            pytest.fail(f"CI=true and no IPv6 loopback: {exc}", pytrace=False)
         pytest.skip(f"no IPv6 loopback: {exc}")
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
