@@ -112,7 +112,7 @@ class Demo:
     def close(self) -> None:
         for app in self.cleanup:  # the deployed containers, before etcd goes
             self.routerd("apps", "rm", app)
-            self.routerd("gc")
+            self.routerd("gc", app, "--force")  # its config is gone: gc must be told
         for proc in reversed(self.procs):
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
