@@ -15,12 +15,13 @@ import asyncio
 import hashlib
 import os
 import re
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from routerd.errors import ReloadError
+from routerd.errors import ConfigError, ReloadError
 from routerd.model import RoutingTable
 from routerd.nginx import write_atomic
 from routerd.render import Lua
@@ -101,6 +102,13 @@ class Backends:
     def prepare(self) -> None:
         """The owner-only socket folder, and the balancer's source beside nginx.conf."""
         self.socket_dir.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(self.socket_dir)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise ConfigError("--runtime-dir", f"{self.socket_dir} must be a folder, not a link")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(
+                "--runtime-dir", f"{self.socket_dir} belongs to uid {info.st_uid}, not to routerd"
+            )
         os.chmod(self.socket_dir, 0o700)
         self.lua_dir.mkdir(parents=True, exist_ok=True)
         target = self.lua_dir / "routerd.lua"
