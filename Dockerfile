@@ -59,8 +59,7 @@ FROM ${BASE} AS runtime
 ARG NGINX_BIN=/usr/sbin/nginx
 LABEL org.opencontainers.image.title="routerd" \
       org.opencontainers.image.description="nginx configuration sidecar: etcd in, validated and confirmed nginx reloads out" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="0.1.0"
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PATH=/opt/routerd/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -4,7 +4,7 @@ The harness of bench/deploy_load.py (a real etcd, ``routerd run`` with its
 nginx, busybox httpd containers, ``routerd deploy`` as a subprocess), but the
 load is ``wrk`` with its defaults: every connection is kept alive and reused
 as fast as it answers. A reload makes the old workers close their idle
-keep-alive connections (FACTS.md), which wrk counts as socket errors; with
+keep-alive connections (nginx before 1.27.4), which wrk counts as socket errors; with
 ``--dynamic-backends on`` a deploy changes instance lists inside nginx and
 should cost no reload and no error. For each mode: one unmeasured first
 release, then wrk runs while ``--deploys`` consecutive deploys go through,

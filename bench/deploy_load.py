@@ -4,7 +4,7 @@ A real etcd, ``routerd run`` with its nginx, Docker containers of a busybox
 httpd image and ``routerd deploy`` as a subprocess, 20 times in a row, while
 an open-loop generator sends requests through nginx at a fixed rate, each on a
 new connection. A few keep-alive clients run beside it; their resets (old
-nginx workers closing idle keep-alive connections at a reload, FACTS.md) are
+nginx workers closing idle keep-alive connections at a reload) are
 counted apart. Figures:
 
 - failed requests during deploys (non-2xx, connection errors), target 0;
@@ -113,7 +113,7 @@ class Load:
                 while True:
                     writer.write(request)
                     head = await reader.readuntil(b"\r\n\r\n")
-                    length = int(re.search(rb"Content-Length: (\d+)", head, re.I)[1])  # type: ignore[index]
+                    length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
                     await reader.readexactly(length)
                     self.keepalive_requests += 1
                     if not head.startswith(b"HTTP/1.1 2"):

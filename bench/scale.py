@@ -23,13 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Bench, http_get, wait_until
 
-from routerd import validate
-from routerd.backends import Backends, detect_lua
-from routerd.loader import Loader
-from routerd.model import KeyValue, Snapshot
-from routerd.nginx import Installer, Nginx
-from routerd.render import Layout, Renderer
-from routerd.settings import PACKAGE_TEMPLATES
+from routerd.router import validate
+from routerd.router.backends import Backends, detect_lua
+from routerd.router.install import Installer
+from routerd.router.loader import Loader
+from routerd.router.master import Master
+from routerd.router.render import Layout, Renderer
+from routerd.router.settings import PACKAGE_TEMPLATES
+from routerd.store import KeyValue, Snapshot
 
 
 def snapshot(apps: int, instances: int) -> Snapshot:
@@ -70,13 +71,8 @@ def cold_apply(apps: int, instances: int, dynamic: bool) -> dict[str, float]:
         str(folder / "nginx.pid"),
         lua,
     )
-    Nginx(
-        binary="nginx",
-        conf=conf,
-        runtime_dir=folder,
-        status_listen=layout.status_listen,
-        supervise=True,
-        pid_file=folder / "nginx.pid",
+    Master(
+        binary="nginx", conf=conf, runtime_dir=folder, supervise=True, pid_file=folder / "nginx.pid"
     ).prepare_runtime()
     times: dict[str, float] = {}
     started = time.perf_counter()
@@ -87,6 +83,7 @@ def cold_apply(apps: int, instances: int, dynamic: bool) -> dict[str, float]:
     times["render"] = time.perf_counter() - t
     t = time.perf_counter()
     installer = Installer(conf)
+    installer.prepare()
     installer.write_files(rendered)
     staged = installer.stage(rendered)
     times["write"] = time.perf_counter() - t

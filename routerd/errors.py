@@ -1,6 +1,24 @@
 """The error tree. Every error carries what a person needs to find the fault:
 the etcd key, the file and line, or the flag. Third-party errors are chained
-with ``from`` so the cause is never lost."""
+with ``from`` so the cause is never lost.
+
+    RouterdError
+      ConfigError        a flag, variable or file given to routerd (exit 2)
+      InvalidValue       a value read from etcd, naming its key
+      RenderError        a template
+      ValidationError    a candidate refused by crossplane or nginx -t
+      Held               a snapshot the shrink guard keeps from nginx
+      ReloadError        nginx did not take a config
+        NginxNotRunning  (sidecar) no master to signal yet
+        RolledBack       a reload failed; the previous config is back
+      StoreError         etcd
+        Compacted        the revision to resume from is gone
+      ContainerError     a Docker engine
+        Unhealthy        a container that will never be healthy
+      DeployError        a deploy that cannot go on (it rolls back)
+        LockHeld         another deploy of the same app runs
+        StepFailed       one of the six steps, by number
+"""
 
 from __future__ import annotations
 
@@ -40,6 +58,10 @@ class ValidationError(RouterdError):
         self.line = line
 
 
+class Held(RouterdError):
+    """A snapshot that would drop all apps, or most of them, is kept from nginx."""
+
+
 class ReloadError(RouterdError):
     """nginx did not take the new config (signal failed or generation not confirmed)."""
 
@@ -48,12 +70,24 @@ class NginxNotRunning(ReloadError):
     """Sidecar mode: no nginx master yet. The valid file stays for its start."""
 
 
+class RolledBack(ReloadError):
+    """nginx did not take a candidate; the previous config was put back."""
+
+
 class StoreError(RouterdError):
     """etcd could not be reached or answered with an error."""
 
 
+class Compacted(StoreError):
+    """The revision to resume a watch from was compacted: take a new snapshot."""
+
+
 class ContainerError(RouterdError):
     """The container runtime failed: an image is missing, a container died or never got healthy."""
+
+
+class Unhealthy(ContainerError):
+    """The container is gone for good (exited or removed): waiting longer is pointless."""
 
 
 class DeployError(RouterdError):
@@ -67,3 +101,11 @@ class LockHeld(DeployError):
         super().__init__(f"another deploy of {app} is running: the lock is {holder}")
         self.app = app
         self.holder = holder
+
+
+class StepFailed(DeployError):
+    """Step ``number`` (``name``) of a deploy failed for ``reason``."""
+
+    def __init__(self, number: int, name: str, reason: str) -> None:
+        super().__init__(f"step {number} ({name}) failed: {reason}")
+        self.number, self.name, self.reason = number, name, reason

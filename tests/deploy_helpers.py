@@ -55,7 +55,7 @@ def docker_client() -> Any:
         client = docker.from_env()
         client.ping()
         return client
-    except Exception as exc:  # no SDK, no socket, engine down: all mean "no Docker"
+    except Exception as exc:  # noqa: BLE001  (no SDK, no socket, engine down: all mean no Docker)
         reason = f"no Docker engine ({exc}); start dockerd (see .ci/run)"
         if in_ci():
             pytest.fail(f"CI=true and {reason}", pytrace=False)
@@ -260,7 +260,7 @@ class _FaultHandler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
 

@@ -40,7 +40,7 @@ urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "/routerd"
 ROUTER_ID = "test-router"
-# By SPEC 2 a reported revision is already served to every new connection:
+# A reported revision is already served to every new connection:
 # routerd confirms a reload only once the old workers stopped accepting, so
 # tests do not wait any longer than the status (test_status.py proves it).
 SETTLE = 0.0
@@ -106,7 +106,7 @@ def wait_for(
                 return last
         except ProcessDied:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (an exception counts as "not yet")
             last = exc
         if time.monotonic() >= deadline:
             raise AssertionError(
@@ -606,7 +606,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_GET
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
 

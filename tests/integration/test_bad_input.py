@@ -1,4 +1,4 @@
-"""SPEC 4, bad input: every bad value is rejected alone, reported, and never reaches nginx."""
+"""Bad input: every bad value is rejected alone, reported, and never reaches nginx."""
 
 from __future__ import annotations
 

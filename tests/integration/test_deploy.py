@@ -1,4 +1,4 @@
-"""SPEC 1 and 5, the blue-green deploy: real Docker, real etcd, real nginx and
+"""The blue-green deploy: real Docker, real etcd, real nginx and
 a real ``routerd run``; ``routerd deploy`` runs as a subprocess.
 
 Every failure test ends the same way (``assert_rolled_back``): the old
@@ -37,8 +37,8 @@ from deploy_helpers import (
 )
 from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
 
-from routerd.inventory import collect_garbage
-from routerd.runtime import DockerRuntime
+from routerd.deploy.inventory import collect_garbage
+from routerd.deploy.runtime import DockerRuntime
 from routerd.settings import EtcdSettings, parse_endpoints
 from routerd.store import Store
 

@@ -415,3 +415,44 @@ def test_a_push_with_an_impossible_address_is_refused(etcd, routerd, backends):
     assert answer[0] == 400, answer
     assert unix_request(path, "GET") == held
     assert router.http("shop.example.com").text.strip() == shop.name
+
+
+def applies(router, outcome: str) -> float:
+    return metric_sum(router.metrics(), "routerd_applies", f'outcome="{outcome}"')
+
+
+def test_a_failed_push_has_its_own_outcome_and_backs_off(etcd, routerd, backends):
+    """With the push channel gone, an instance change is `push_failed` (not rejected),
+    retried with growing waits rather than at once; a config change meanwhile is still
+    `reloaded` and logged as such. Once the channel is back the instances go live."""
+    one, two = backends(2)
+    router = routerd(extra_args=ON)
+    router.wait_applied(etcd.txn(app_keys("shop", ["shop.example.com"], [one])))
+    channel = router.workdir / "private" / "backends.sock"
+    moved = channel.with_name("moved.sock")
+    channel.rename(moved)  # nginx keeps listening on it; routerd cannot reach it
+    try:
+        etcd.put(instance_key("shop", "v1", "i1"), two.address)
+        wait_for(lambda: applies(router, "push_failed") >= 1, timeout=10, message="push_failed")
+        assert applies(router, "rejected") == 0
+        first = applies(router, "push_failed")
+        logged = router.log_text().count(" reloaded revision=")
+        etcd.txn(app_keys("blog", ["blog.example.com"], [one]))
+        wait_for(
+            lambda: router.log_text().count(" reloaded revision=") > logged,
+            timeout=10,
+            message="the config change logged as reloaded",
+        )
+        wait_for(lambda: router.http("blog.example.com").ok, timeout=10, message="blog served")
+        # Waits of 1, 2, 4 ... s: a few more attempts in 5 s, not one per socket timeout.
+        retried = applies(router, "push_failed") - first
+        assert 1 <= retried <= 5, retried
+        assert "retrying in" in json.dumps(router.status())
+    finally:
+        moved.rename(channel)
+    wait_for(
+        lambda: two.name in {router.http("shop.example.com").text.strip() for _ in range(4)},
+        timeout=40,
+        message="the new instance served once the push channel is back",
+    )
+    assert applies(router, "rejected") == 0

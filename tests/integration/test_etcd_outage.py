@@ -1,4 +1,4 @@
-"""SPEC 4, etcd unreachable: nginx keeps serving; routerd catches up when etcd returns."""
+"""etcd unreachable: nginx keeps serving; routerd catches up when etcd returns."""
 
 from __future__ import annotations
 

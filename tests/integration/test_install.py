@@ -1,4 +1,4 @@
-"""SPEC 4, installing: only valid candidates, rollback of a failed reload, atomic files."""
+"""Installing: only valid candidates, rollback of a failed reload, atomic files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC 5, `routerd render --dry-run [--diff]`: prints what would be installed, changes nothing."""
+"""`routerd render --dry-run [--diff]`: prints what would be installed, changes nothing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, app_config, app_keys, config_key, require_binary, tree_state
+from helpers import (
+    REPO,
+    app_config,
+    app_keys,
+    config_key,
+    instance_key,
+    require_binary,
+    tree_state,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -134,3 +142,25 @@ def test_invalid_candidate_exits_nonzero_with_the_reason(etcd, tmp_path):
     assert "routerd_test_unknown_directive" in result.stdout + result.stderr
     left = [p for p in tmp_path.rglob("*") if p.is_file() and templates not in p.parents]
     assert left == [], "render --dry-run left files behind"
+
+
+def test_dry_run_shows_the_balancer_table_in_dynamic_mode(etcd, routerd, backends):
+    """With dynamic backends the instances live in nginx's balancer table, not in the
+    config: the preview prints the table, and --diff shows an instance change."""
+    router, backend = installed_router(etcd, routerd, backends)
+    (other,) = backends(1)
+    dynamic = ("--dynamic-backends", "on", *listens(router))
+
+    shown = render(etcd, router.conf_path, *dynamic)
+    assert shown.returncode == 0, shown.stderr
+    assert f"shop {backend.address}" in shown.stdout
+
+    unchanged = render(etcd, router.conf_path, "--diff", *dynamic)
+    assert unchanged.returncode == 0, unchanged.stderr
+    assert [line for line in unchanged.stdout.splitlines() if line[:1] in "+-"] == []
+
+    etcd.put(instance_key("shop", "v1", "i0"), other.address)
+    changed = render(etcd, router.conf_path, "--diff", *dynamic)
+    lines = changed.stdout.splitlines()
+    assert f"-#   shop {backend.address}" in lines, changed.stdout
+    assert f"+#   shop {other.address}" in lines, changed.stdout

@@ -1,4 +1,4 @@
-"""SPEC 3, routing: hosts, instances, releases, maintenance, allow lists, pools."""
+"""Routing: hosts, instances, releases, maintenance, allow lists, pools."""
 
 from __future__ import annotations
 

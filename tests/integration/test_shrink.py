@@ -1,4 +1,4 @@
-"""SPEC 4, emptiness is suspicious: mass deletions are held back unless --allow-shrink."""
+"""Emptiness is suspicious: mass deletions are held back unless --allow-shrink."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def delete_apps(etcd, numbers):
 
 
 def shrink_reported(router, marker_count):
-    """The refusal shows in the status errors or in the log (the SPEC says "reported")."""
+    """The refusal shows in the status errors or in the log (a held snapshot must be "reported")."""
     status = router.status() or {}
     text = " ".join(e.get("error", "") for e in status.get("errors", []))
     return "shrink" in text.lower() or router.log_text().lower().count("shrink") > marker_count

@@ -1,14 +1,17 @@
-"""SPEC 3, TLS: a valid pair in certs/<domain> serves that domain over HTTPS."""
+"""TLS: a valid pair in certs/<domain> serves that domain over HTTPS."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 
 import pytest
 from helpers import (
+    REPO,
     app_config,
     app_keys,
     cert_key,
@@ -133,3 +136,34 @@ def test_https_redirect_and_hsts(etcd, routerd, backends, tmp_path):
     router.wait_applied(etcd.put(config_key("shop"), config))
     assert router.http("shop.example.com").status_code == 200
     assert "Strict-Transport-Security" not in router.https("shop.example.com").headers
+
+
+def test_a_template_that_drops_the_uses_comments_keeps_its_certificates(
+    etcd, routerd, backends, tmp_path
+):
+    """What a generation uses is routerd's own record, not comments a template may
+    leave out: with a main template that writes no `# uses` lines, the cert file
+    survives garbage collection, and a later reload still loads it."""
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates" / "nginx", templates)
+    main = templates / "nginx.conf.j2"
+    text = main.read_text()
+    stripped = re.sub(
+        r"\{% for path in certs %\}\n# uses \{\{ path \}\}\n\{% endfor %\}\n", "", text
+    )
+    assert stripped != text, "the template no longer has the loop this test removes"
+    main.write_text(stripped)
+    shop, blog = backends(2)
+    cert, key = make_cert(tmp_path, "shop.example.com")
+    etcd.txn(app_keys("shop", ["shop.example.com"], [shop]))
+    router = routerd(extra_args=("--templates", str(templates)))
+    router.wait_applied(
+        etcd.put(cert_key("shop.example.com"), json.dumps({"cert": cert, "key": key}))
+    )
+    certs = router.workdir / "routerd" / "certs"
+    assert list(certs.iterdir()), "the cert file was collected as garbage"
+
+    status = router.wait_applied(etcd.txn(app_keys("blog", ["blog.example.com"], [blog])))
+    assert status["errors"] == []
+    assert router.http("blog.example.com").text.strip() == blog.name
+    assert router.peer_certificate("shop.example.com") == pem_to_der(cert)

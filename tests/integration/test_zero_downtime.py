@@ -1,4 +1,4 @@
-"""SPEC 4 and FACTS: applying changes under load drops no request."""
+"""Applying changes under load drops no request."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from routerd.backends import Backends
 from routerd.errors import ConfigError
-from routerd.settings import PACKAGE_TEMPLATES
+from routerd.router.backends import Backends
+from routerd.router.settings import PACKAGE_TEMPLATES
 
 
 def backends(tmp_path: Path) -> Backends:

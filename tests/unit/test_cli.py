@@ -1,30 +1,41 @@
-"""The command line's environment handling (SPEC 5: every flag as ROUTERD_<FLAG>)."""
+"""The command line's environment handling: every flag as ROUTERD_<FLAG>."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import click
 import pytest
 
-from routerd.cli import EXIT_USAGE, apply_environment, build_parser, main
+from routerd.cli import EXIT_USAGE, main, routerd
 
 
-def parse(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str]):  # type: ignore[no-untyped-def]
+def parse(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], argv: list[str]) -> dict[str, Any]:
+    """The parameters the command named by ``argv`` would run with."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    parser = build_parser()
-    apply_environment(parser)
-    return parser.parse_args(argv)
+    group = routerd.make_context("routerd", list(argv), resilient_parsing=False)
+    command: click.Command = routerd
+    args = list(argv)
+    while isinstance(command, click.Group):
+        name, sub, args = command.resolve_command(group, args)
+        assert sub is not None, name
+        command = sub
+        group = command.make_context(name, args, parent=group)
+    return group.params
 
 
 def test_a_subcommand_flag_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """ROUTERD_POOL reaches `apps set --pool`, which has its own default."""
-    args = parse(monkeypatch, {"ROUTERD_POOL": "high"}, ["apps", "set", "x", "--domain", "a.com"])
-    assert args.pool == "high"
+    params = parse(monkeypatch, {"ROUTERD_POOL": "high"}, ["apps", "set", "x", "--domain", "a.com"])
+    assert params["pool"] == "high"
 
 
 def test_a_repeatable_flag_takes_a_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
     """ROUTERD_DOMAIN=a,b gives two --domain values, and the flag is no longer required."""
-    args = parse(monkeypatch, {"ROUTERD_DOMAIN": "a.com,b.com"}, ["apps", "set", "x"])
-    assert args.domain == ["a.com", "b.com"]
+    params = parse(monkeypatch, {"ROUTERD_DOMAIN": "a.com,b.com"}, ["apps", "set", "x"])
+    assert list(params["domain"]) == ["a.com", "b.com"]
 
 
 def test_a_switch_and_a_typed_flag_come_from_the_environment(
@@ -32,9 +43,9 @@ def test_a_switch_and_a_typed_flag_come_from_the_environment(
 ) -> None:
     """Switches read true/false words; typed flags are converted like on the command line."""
     env = {"ROUTERD_ALLOW_SHRINK": "true", "ROUTERD_DEBOUNCE_MAX": "2.5"}
-    args = parse(monkeypatch, env, ["run", "--nginx-conf", "/tmp/nginx.conf", "--supervise"])
-    assert args.allow_shrink is True
-    assert args.debounce_max == 2.5
+    params = parse(monkeypatch, env, ["run", "--nginx-conf", "/tmp/nginx.conf", "--supervise"])
+    assert params["allow_shrink"] is True
+    assert params["debounce_max"] == 2.5
 
 
 @pytest.mark.parametrize(
@@ -55,7 +66,7 @@ def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(
 
 
 def test_a_path_nginx_cannot_hold_is_refused(
-    monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A --nginx-conf with a space or ';' would break the rendered config: exit 2 naming it."""
     folder = tmp_path / "a b"
@@ -63,3 +74,21 @@ def test_a_path_nginx_cannot_hold_is_refused(
     code = main(["run", "--nginx-conf", str(folder / "nginx.conf"), "--supervise"])
     assert code == EXIT_USAGE
     assert "--nginx-conf" in capsys.readouterr().err
+
+
+def test_a_bad_flag_on_the_command_line_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A value click refuses on the command line exits 2 and names the flag."""
+    assert main(["run", "--nginx-conf", "/tmp/x.conf", "--supervise", "--debounce-max", "0"]) == 2
+    assert "--debounce-max" in capsys.readouterr().err
+
+
+def test_version_and_help_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the package's one version; --help teaches the variables."""
+    from routerd import __version__
+
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert main(["run", "--help"]) == 0
+    assert "ROUTERD_NGINX_CONF" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routerd.debounce import Debouncer
+from routerd.router.debounce import Debouncer
 
 MIN_QUIET = 0.2
 MAX_WAIT = 1.0

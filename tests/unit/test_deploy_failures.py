@@ -13,13 +13,12 @@ import docker.errors
 import pytest
 import requests
 
-from routerd.errors import ContainerError, StoreError
-from routerd.model import KeyValue, Snapshot
-from routerd.plan import DeployOptions, Journal, Plan
-from routerd.releases import Release, ReleaseSpec
-from routerd.runtime import Container, ContainerSpec, DockerRuntime, Unhealthy
-from routerd.store import Delete, Put
-from routerd.undo import Undo
+from routerd.deploy.plan import DeployOptions, Journal, Plan
+from routerd.deploy.releases import Release, ReleaseSpec
+from routerd.deploy.runtime import Container, ContainerSpec, DockerRuntime
+from routerd.deploy.undo import Undo
+from routerd.errors import ContainerError, StoreError, Unhealthy
+from routerd.store import Delete, KeyValue, Put, Snapshot
 
 # ------------------------------------------------------------ the runtime
 

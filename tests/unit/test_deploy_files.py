@@ -4,7 +4,6 @@ right address. (tests/e2e runs the container pair itself.)"""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import re
 import subprocess
@@ -14,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from routerd.cli import build_parser
+from routerd.router.commands import run
 from routerd.settings import env_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,10 +28,7 @@ ENV = re.compile(r"\bROUTERD_[A-Z_]+\b")
 
 
 def run_flags() -> set[str]:
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    run = commands.choices["run"]
-    return {o for action in run._actions for o in action.option_strings if o.startswith("--")}
+    return {o for param in run.params for o in param.opts if o.startswith("--")}
 
 
 def load(path: Path) -> ModuleType:

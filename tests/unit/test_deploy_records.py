@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from routerd.errors import DeployError, InvalidValue
-from routerd.model import KeyValue, Snapshot
-from routerd.releases import (
+from routerd.deploy.releases import (
     HISTORY_KEPT,
     Release,
     ReleaseSpec,
@@ -21,8 +19,10 @@ from routerd.releases import (
     registered_releases,
     spec_problems,
 )
-from routerd.routers import parse_report
-from routerd.runtime import ContainerSpec, _network_options, _published_port
+from routerd.deploy.runtime import ContainerSpec, _network_options, _published_port
+from routerd.errors import DeployError, InvalidValue
+from routerd.routerstatus import RouterStatus
+from routerd.store import KeyValue, Snapshot
 
 SPEC = ReleaseSpec(image="shop:1", env={"A": "b"}, replicas=2, port=5000, network="host")
 
@@ -177,7 +177,7 @@ def test_registered_releases_and_pool() -> None:
 
 def test_router_errors_about_an_app() -> None:
     """The app's own keys and refused candidates count; other apps and old releases do not."""
-    report = parse_report(
+    report = RouterStatus.from_json(
         "r",
         json.dumps(
             {
@@ -193,10 +193,10 @@ def test_router_errors_about_an_app() -> None:
             }
         ).encode(),
     )
-    assert report is not None
-    keys = {key for key, _ in report.errors_about("/routerd", "shop", "new")}
+    keys = {error.key for error in report.errors_about("/routerd", "shop", "new")}
     assert keys == {"/routerd/apps/shop/config", "/etc/nginx/nginx.conf", "/routerd/apps/"}
-    assert parse_report("r", b"not json") is None
+    with pytest.raises(InvalidValue, match="routers/r"):
+        RouterStatus.from_json("r", b"not json")
 
 
 def test_containers_read_their_port_from_the_environment() -> None:

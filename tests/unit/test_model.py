@@ -1,4 +1,4 @@
-"""The Loader: SPEC 2 (etcd layout) and SPEC 4 (bad input), one key at a time."""
+"""The Loader: the etcd layout and bad input, one key at a time."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from routerd.loader import Loader
-from routerd.model import App, Instance, KeyValue, Options, RoutingTable, Snapshot
+from routerd.router.loader import Loader
+from routerd.router.model import App, Instance, Options, RoutingTable
+from routerd.store import KeyValue, Snapshot
 
 PREFIX = "/routerd"
 POOL = "shared"
@@ -86,9 +87,8 @@ def snapshot(values: Mapping[str, bytes | str | KeyValue], revision: int = 1000)
     """Keys get create=mod=their position (1-based) unless given as a KeyValue."""
     kvs = {}
     for position, (rel, value) in enumerate(values.items(), start=1):
-        if not isinstance(value, KeyValue):
-            value = KeyValue(_raw(value), position, position)
-        kvs[rel] = value
+        known = isinstance(value, KeyValue)
+        kvs[rel] = value if known else KeyValue(_raw(value), position, position)
     return Snapshot(revision, kvs)
 
 
@@ -122,8 +122,8 @@ NOT_HOST = "is not a lowercase host name"
 NOT_ADDRESS = "is not an IPv4 address, [IPv6] or DNS name"
 
 
-def _row(rel_key: str, value: Value, fragment: str, id: str, **kw: Any) -> Any:
-    return pytest.param(rel_key, value, fragment, id=id, **kw)
+def _row(rel_key: str, value: Value, fragment: str, name: str, **kw: Any) -> Any:
+    return pytest.param(rel_key, value, fragment, id=name, **kw)
 
 
 def _domain_rows() -> list[Any]:
@@ -509,7 +509,7 @@ def test_bad_values_are_reported_again_on_every_load(pki: Pki) -> None:
 
 
 def test_defaults_are_filled_in() -> None:
-    """A config with only domains gets every SPEC 2 default option and the shared pool."""
+    """A config with only domains gets every default option and the shared pool."""
     table = load({"apps/shop/config": cfg(domains=["shop.example.com"])})
     shop = table.app("shop")
     assert shop is not None
@@ -630,7 +630,7 @@ def test_active_release_routes_only_its_instances() -> None:
 
 
 def test_active_release_without_instances_routes_nothing() -> None:
-    """An `active` release that has no instance leaves the app with none (a 503, SPEC 3)."""
+    """An `active` release that has no instance leaves the app with none (a 503)."""
     table = load(
         {
             "apps/shop/config": cfg(domains=["shop.example.com"]),

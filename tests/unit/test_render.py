@@ -16,9 +16,18 @@ from typing import Any
 import pytest
 
 from routerd.errors import RenderError
-from routerd.loader import Loader
-from routerd.model import App, Instance, KeyValue, Options, RoutingTable, Snapshot
-from routerd.render import APP_TEMPLATE, MAIN_TEMPLATE, Layout, Rendered, Renderer, q
+from routerd.router.loader import Loader
+from routerd.router.model import App, Instance, Options, RoutingTable
+from routerd.router.render import (
+    APP_TEMPLATE,
+    MAIN_TEMPLATE,
+    Layout,
+    Lua,
+    Rendered,
+    Renderer,
+    q,
+)
+from routerd.store import KeyValue, Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates" / "nginx"
@@ -26,12 +35,25 @@ GOLDEN = ROOT / "tests" / "golden"
 LAYOUT = Layout(
     "127.0.0.1:8080", "127.0.0.1:8443", "127.0.0.1:18081", "/run/routerd", "/run/routerd/nginx.pid"
 )
+# Dynamic backends, as Debian's nginx with libnginx-mod-http-lua gets them.
+LUA = Lua(
+    modules=(
+        "/usr/lib/nginx/modules/ndk_http_module.so",
+        "/usr/lib/nginx/modules/ngx_http_lua_module.so",
+    ),
+    package_dir="/var/lib/routerd/routerd/lua",
+    backends_file="/var/lib/routerd/routerd/backends.txt",
+    socket="/run/routerd/private/backends.sock",
+    source_sha256="5" * 64,
+)
+LAYOUTS = {"dynamic": dataclasses.replace(LAYOUT, lua=LUA)}
 UPDATE = os.environ.get("ROUTERD_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.parent.name for p in GOLDEN.glob("*/input.json"))
 EXPECTED_CASES = [
     "active_release",
     "allow_list",
     "basic",
+    "dynamic",
     "empty",
     "https",
     "maintenance",
@@ -98,7 +120,7 @@ def test_golden(case: str) -> None:
     """Rendering the case's snapshot yields exactly the files under expected/, byte for byte."""
     table = load_case(case)
     assert table.errors == (), "golden inputs must be valid"
-    rendered = Renderer(TEMPLATES, LAYOUT).render(table)
+    rendered = Renderer(TEMPLATES, LAYOUTS.get(case, LAYOUT)).render(table)
     assert rendered.apps == len(table.apps)
     assert f'return 200 "{rendered.sha256}";' in rendered.main
     tree = output_tree(rendered)

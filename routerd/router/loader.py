@@ -1,4 +1,4 @@
-"""From one etcd snapshot to a RoutingTable, key by key (SPEC 2 and 4).
+"""From one etcd snapshot to a RoutingTable, key by key.
 
 Groups the keys under the prefix by app, parses each through the model's
 parsers once per mod_revision, falls back to a key's last valid form when
@@ -16,26 +16,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from routerd import keys
 from routerd.errors import InvalidValue
-from routerd.model import (
-    APP_NAME,
+from routerd.keys import APP_NAME, RELEASE_NAME, parse_release_name
+from routerd.router.model import (
     IPV4,
-    RELEASE_NAME,
     App,
     AppConfig,
     Cert,
     Instance,
-    KeyValue,
-    Rejection,
     RoutingTable,
-    Snapshot,
     expect,
     parse_app_config,
     parse_cert,
     parse_domain,
     parse_instance,
-    parse_release_name,
 )
+from routerd.routerstatus import Rejection
+from routerd.store import KeyValue, Snapshot
 
 
 @dataclass
@@ -95,8 +93,7 @@ class Loader:
         built = self._claim_domains(configs, errors)
         table = []
         for name, (config, _) in sorted(built.items()):
-            keys = apps[name]
-            instances = self._routed_instances(name, keys, errors)
+            instances = self._routed_instances(apps[name], errors)
             tls = tuple(cert_by_domain[d] for d in config.domains if d in cert_by_domain)
             table.append(App(name, config.domains, config.options, instances, tls))
         return RoutingTable(snapshot.revision, tuple(table), tuple(errors))
@@ -112,47 +109,43 @@ class Loader:
         """
         dirty: set[str] = set()
         for rel in changed:
-            parts = rel.split("/")
-            if parts[0] != "apps" or len(parts) < 3 or parts[2] == "config":
-                return None
-            if parts[2] in ("active", "releases"):
-                if not self._regroup(rel, parts, snapshot):
+            key = keys.parse(rel)
+            if key.kind in ("active", "instance"):
+                if not self._regroup(rel, key, snapshot):
                     return None
-                dirty.add(parts[1])
+                dirty.add(key.app or "")
+            elif key.kind not in ("history", "lock", "env", "other") or key.app is None:
+                return None  # configs, certs, anything unsure: a full load decides
         errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
-        apps = []
-        for app in previous.apps:
-            if app.name in dirty:
-                instances = self._routed_instances(app.name, self._groups[app.name], errors)
-                app = replace(app, instances=instances)
-            apps.append(app)
+        apps = [
+            replace(app, instances=self._routed_instances(self._groups[app.name], errors))
+            if app.name in dirty
+            else app
+            for app in previous.apps
+        ]
         return RoutingTable(snapshot.revision, tuple(apps), tuple(errors), frozenset(dirty))
 
     def _routing_key_of(self, key: str) -> str | None:
         """The app whose active or instance key this is, else None."""
-        parts = key[len(self.prefix) + 1 :].split("/")
-        is_active = len(parts) == 3 and parts[2] == "active"
-        is_instance = len(parts) == 5 and parts[2] == "releases"
-        return parts[1] if parts[0] == "apps" and (is_active or is_instance) else None
+        parsed = keys.parse(key[len(self.prefix) + 1 :])
+        return parsed.app if parsed.kind in ("active", "instance") else None
 
-    def _regroup(self, rel: str, parts: list[str], snapshot: Snapshot) -> bool:
+    def _regroup(self, rel: str, key: keys.Key, snapshot: Snapshot) -> bool:
         """Move one changed active/instance key into its app's group; False if unsure."""
-        keys = self._groups.get(parts[1])
-        if keys is None or APP_NAME.fullmatch(parts[1]) is None:
+        group = self._groups.get(key.app or "")
+        if group is None or APP_NAME.fullmatch(key.app or "") is None:
             return False  # an app the last full load did not see: let a load decide
-        key, kv = f"{self.prefix}/{rel}", snapshot.kvs.get(rel)
+        full, kv = keys.absolute(self.prefix, rel), snapshot.kvs.get(rel)
         if kv is None:
-            self._parsed.pop(key, None)
-            self._last_valid.pop(key, None)
-        if parts[2] == "active" and len(parts) == 3:
-            keys.active = None if kv is None else (key, kv)
-            return True
-        if parts[2] == "releases" and len(parts) == 5:
-            keys.instances = [i for i in keys.instances if i[0] != key]
+            self._parsed.pop(full, None)
+            self._last_valid.pop(full, None)
+        if key.kind == "active":
+            group.active = None if kv is None else (full, kv)
+        else:
+            group.instances = [i for i in group.instances if i[0] != full]
             if kv is not None:
-                keys.instances.append((key, parts[3], parts[4], kv))
-            return True
-        return False
+                group.instances.append((full, key.release, key.name, kv))
+        return True
 
     # -- grouping keys by app
 
@@ -162,41 +155,38 @@ class Loader:
         apps: dict[str, _AppKeys] = {}
         certs: dict[str, tuple[str, KeyValue]] = {}
         for rel, kv in snapshot.kvs.items():
-            key = f"{self.prefix}/{rel}"
-            parts = rel.split("/")
-            if parts[0] == "certs" and len(parts) == 2:
-                certs[parts[1]] = (key, kv)
-            elif parts[0] == "apps" and len(parts) >= 3:
-                self._group_app_key(key, parts[1], parts[2:], kv, apps, errors)
+            key, full = keys.parse(rel), keys.absolute(self.prefix, rel)
+            if key.kind == "cert":
+                certs[key.name] = (full, kv)
+            elif key.app is not None:
+                self._group_app_key(full, key, kv, apps, errors)
         return apps, certs
 
     def _group_app_key(
         self,
-        key: str,
-        app: str,
-        rest: list[str],
+        full: str,
+        key: keys.Key,
         kv: KeyValue,
         apps: dict[str, _AppKeys],
         errors: list[Rejection],
     ) -> None:
-        kind = rest[0]
-        if kind not in ("config", "active", "releases"):
-            return  # other keys under an app (deploy history, locks) are not routing input
-        if APP_NAME.fullmatch(app) is None:
-            errors.append(Rejection(key, f"app name {app!r} must match {APP_NAME.pattern}"))
+        if key.kind in ("history", "lock", "env", "weights", "other"):
+            return  # the deploy controller's keys are not routing input
+        if key.app is None or APP_NAME.fullmatch(key.app) is None:
+            errors.append(Rejection(full, f"app name {key.app!r} must match {APP_NAME.pattern}"))
             return
-        keys = apps.setdefault(app, _AppKeys())
-        if kind == "config" and len(rest) == 1:
-            keys.config = (key, kv)
-        elif kind == "active" and len(rest) == 1:
-            keys.active = (key, kv)
-        elif kind == "releases" and len(rest) == 3:
-            keys.instances.append((key, rest[1], rest[2], kv))
+        group = apps.setdefault(key.app, _AppKeys())
+        if key.kind == "config":
+            group.config = (full, kv)
+        elif key.kind == "active":
+            group.active = (full, kv)
+        elif key.kind == "instance":
+            group.instances.append((full, key.release, key.name, kv))
         else:
-            errors.append(Rejection(key, "not a key of the routerd layout"))
+            errors.append(Rejection(full, "not a key of the routerd layout"))
 
     def _forget_deleted(self, snapshot: Snapshot) -> None:
-        live = {f"{self.prefix}/{rel}" for rel in snapshot.kvs}
+        live = {keys.absolute(self.prefix, rel) for rel in snapshot.kvs}
         for cache in (self._parsed, self._last_valid):
             for key in [k for k in cache if k not in live]:
                 del cache[key]
@@ -244,10 +234,10 @@ class Loader:
         self, apps: dict[str, _AppKeys], errors: list[Rejection]
     ) -> dict[str, tuple[AppConfig, int]]:
         configs: dict[str, tuple[AppConfig, int]] = {}
-        for name, keys in apps.items():
-            if keys.config is None:
+        for name, group in apps.items():
+            if group.config is None:
                 continue
-            key, kv = keys.config
+            key, kv = group.config
             config = self._parse_or_last(
                 key, kv, functools.partial(parse_app_config, key, kv.value), errors
             )
@@ -258,14 +248,14 @@ class Loader:
     def _claim_domains(
         self, configs: dict[str, tuple[AppConfig, int]], errors: list[Rejection]
     ) -> dict[str, tuple[AppConfig, int]]:
-        """The first-created config key wins a contested domain (SPEC 3)."""
+        """The first-created config key (lowest create revision) wins a contested domain."""
         owner: dict[str, str] = {}
         result: dict[str, tuple[AppConfig, int]] = {}
         for name, (config, created) in sorted(configs.items(), key=lambda i: (i[1][1], i[0])):
             kept = []
             for domain in config.domains:
                 if domain in owner:
-                    key = f"{self.prefix}/apps/{name}/config"
+                    key = keys.absolute(self.prefix, keys.config(name))
                     errors.append(
                         Rejection(key, f"domain {domain} is already claimed by app {owner[domain]}")
                     )
@@ -276,12 +266,10 @@ class Loader:
                 result[name] = (AppConfig(tuple(kept), config.pool, config.options), created)
         return result
 
-    def _routed_instances(
-        self, app: str, keys: _AppKeys, errors: list[Rejection]
-    ) -> tuple[Instance, ...]:
+    def _routed_instances(self, group: _AppKeys, errors: list[Rejection]) -> tuple[Instance, ...]:
         active = None
-        if keys.active is not None:
-            key, kv = keys.active
+        if group.active is not None:
+            key, kv = group.active
             active = self._parse_or_last(
                 key, kv, functools.partial(parse_release_name, key, kv.value), errors
             )
@@ -289,7 +277,7 @@ class Loader:
         found: list[Instance] = []
         # Every instance is checked, routed or not, so a deploy sees a bad one
         # of its new release before it switches to it.
-        for key, release, name, kv in keys.instances:
+        for key, release, name, kv in group.instances:
             instance = self._parse_or_last(
                 key, kv, functools.partial(_instance, key, release, name, kv), errors
             )

@@ -1,9 +1,13 @@
 """Typed, validated routing state: the values and the rules that admit them.
 
-Owns the value rules of SPEC 2 and 4: the names, the app config schema, the
-instance addresses and certificates, each parsed and checked here, one value
-at a time, raising InvalidValue with the key at fault. The loader applies
-them to a whole snapshot. Nothing else in routerd reads raw etcd values.
+Owns the value rules of routing input: the app config schema, the instance
+addresses and certificates, each parsed and checked here, one value at a
+time, raising InvalidValue with the key at fault. Any value that is not
+valid JSON, breaks the schema or could smuggle nginx syntax (``;``, braces,
+quotes, newlines, ``$``, control characters) is refused, never escaped.
+The names (``routerd.keys``) and the reading of ``active`` are shared with
+the deploy controller; the loader applies all of them to a whole snapshot.
+Nothing else on the router side reads raw etcd values.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import json
 import re
 import ssl
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from routerd.errors import InvalidValue
+from routerd.keys import APP_NAME
+from routerd.routerstatus import Rejection
 
-APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 DOMAIN = re.compile(rf"(\*\.)?{LABEL}(\.{LABEL})*")
 DNS_HOST = re.compile(rf"{LABEL}(\.{LABEL})*", re.IGNORECASE)
@@ -30,23 +34,6 @@ IPV4 = re.compile(r"(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}")
 SIZE = re.compile(r"[0-9]{1,9}[kKmMgG]?")
 MAX_DOMAINS = 100
 MAX_ALLOW = 1000
-
-
-@dataclass(frozen=True)
-class KeyValue:
-    """One etcd key as read: raw bytes plus the revisions the model needs."""
-
-    value: bytes
-    create_revision: int
-    mod_revision: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Every key under the prefix (prefix stripped) at one etcd revision."""
-
-    revision: int
-    kvs: Mapping[str, KeyValue]
 
 
 @dataclass(frozen=True)
@@ -114,12 +101,6 @@ class App:
     def plain_domains(self) -> tuple[str, ...]:
         secured = {cert.domain for cert in self.tls}
         return tuple(d for d in self.domains if d not in secured)
-
-
-@dataclass(frozen=True)
-class Rejection:
-    key: str
-    error: str
 
 
 @dataclass(frozen=True)
@@ -254,13 +235,6 @@ def parse_instance(key: str, release: str, name: str, raw: bytes) -> Instance:
     ok = port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535
     expect(key, ok, f"port {port!r} is not 1..65535")
     return Instance(release, name, parse_host(key, host), int(port))
-
-
-def parse_release_name(key: str, raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").strip()
-    ok = RELEASE_NAME.fullmatch(text) is not None
-    expect(key, ok, f"active release {text!r} must match {RELEASE_NAME.pattern}")
-    return text
 
 
 def parse_cert(key: str, domain: str, raw: bytes) -> Cert:

@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from routerd import keys
 from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
+from routerd.keys import RELEASE_NAME, parse_release_name
 from routerd.logs import log
-from routerd.model import RELEASE_NAME, Snapshot
-from routerd.store import Check, Delete, Put, Store
+from routerd.store import Check, Delete, Put, Snapshot, Store
 
 logger = logging.getLogger("routerd.releases")
 HISTORY_KEPT = 20
@@ -48,10 +49,6 @@ NETWORKS = ("bridge", "host")
 MAX_REPLICAS = 100
 
 
-def app_key(app: str, *parts: str) -> str:
-    return "/".join(("apps", app, *parts))
-
-
 def now() -> str:
     """UTC, to the microsecond and fixed width, so the strings sort in time order."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -65,13 +62,20 @@ def new_release_name() -> str:
 
 
 def active_release(snapshot: Snapshot, app: str) -> str | None:
-    kv = snapshot.kvs.get(app_key(app, "active"))
-    return (kv.value.decode("utf-8", "replace").strip() or None) if kv else None
+    """The release ``active`` names, read as the routers read it; None when it
+    is absent or names no valid release (the routers then route every one)."""
+    kv = snapshot.kvs.get(keys.active(app))
+    if kv is None:
+        return None
+    try:
+        return parse_release_name(keys.active(app), kv.value)
+    except InvalidValue:
+        return None
 
 
 def registered_releases(snapshot: Snapshot, app: str) -> dict[str, dict[str, str]]:
     """release -> {instance: address} of the app's registered instances."""
-    base = app_key(app, "releases", "")
+    base = keys.releases(app)
     found: dict[str, dict[str, str]] = {}
     for key, kv in sorted(snapshot.kvs.items()):
         if key.startswith(base):
@@ -112,10 +116,11 @@ def spec_problems(spec: ReleaseSpec) -> list[str]:
     found = []
     if not (isinstance(spec.image, str) and IMAGE.fullmatch(spec.image)):
         found.append(f"image {spec.image!r} is not an image reference ({IMAGE.pattern})")
-    if not isinstance(spec.env, Mapping):
-        found.append(f"env {spec.env!r} is not an object")
+    env: object = spec.env  # as read back: its type is not yet known
+    if not isinstance(env, Mapping):
+        found.append(f"env {env!r} is not an object")
     else:
-        for name, value in spec.env.items():
+        for name, value in env.items():
             if not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
                 found.append(f"env name {name!r} must match {ENV_NAME.pattern}")
             elif not isinstance(value, str) or "\0" in value:
@@ -147,7 +152,7 @@ class Release:
     rollback_of: str | None = None
 
     def to_json(self) -> bytes:
-        data = {k: v for k, v in asdict(self.spec).items()}
+        data = dict(asdict(self.spec))
         data.update(created=self.created, activated=self.activated, rollback_of=self.rollback_of)
         return json.dumps(data, sort_keys=True).encode()
 
@@ -155,7 +160,7 @@ class Release:
     def from_json(cls, name: str, raw: bytes, *, key: str = "") -> Release:
         """Read a history record back; InvalidValue (naming ``key`` and the
         field) unless every field is one a deploy may run with."""
-        key = key or f"history/{name}"
+        key = key or f"release {name}"
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -185,7 +190,7 @@ class Release:
 def read_history(snapshot: Snapshot, app: str) -> tuple[list[Release], dict[str, InvalidValue]]:
     """The app's valid releases in the order they were created, and why each
     other record was rejected (release name -> error naming its key)."""
-    base = app_key(app, "history", "")
+    base = keys.history(app)
     found, rejected = [], {}
     for key, kv in snapshot.kvs.items():
         name = key[len(base) :]
@@ -218,7 +223,7 @@ def previous_release(releases: list[Release], active: str | None) -> Release:
 def prune_ops(releases: list[Release], keep: set[str], app: str) -> list[Put | Delete]:
     """Deletes that keep the history to its last HISTORY_KEPT entries."""
     old = [r for r in releases if r.name not in keep][: max(0, len(releases) - HISTORY_KEPT)]
-    return [Delete(app_key(app, "history", r.name)) for r in old]
+    return [Delete(keys.history(app, r.name)) for r in old]
 
 
 # ------------------------------------------------------------------- lock
@@ -254,7 +259,7 @@ class Lock:
 
     def __init__(self, store: Store, app: str, doing: str, *, ttl: int = 10) -> None:
         self.store = store
-        self.key = app_key(app, "lock")
+        self.key = keys.lock(app)
         self.app = app
         self.ttl = ttl
         self.token = holder_description(doing)
@@ -321,10 +326,3 @@ class Lock:
             with contextlib.suppress(StoreError):
                 await self.store.revoke(self._lease)
             self._lease = None
-
-    async def __aenter__(self) -> Lock:
-        await self.acquire()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.release()

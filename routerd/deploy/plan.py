@@ -10,8 +10,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from routerd.releases import Release
-from routerd.runtime import Container
+from routerd.deploy.releases import Release
+from routerd.deploy.runtime import Container
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,3 @@ class Journal:
     registered: bool = False  # the register transaction was sent (its outcome may be unknown)
     switched: bool = False  # the switch transaction was sent
     committed: bool = False  # the drain is over: no way back
-
-
-@dataclass(frozen=True)
-class DeployReport:
-    app: str
-    release: str
-    previous: str | None
-    durations: dict[str, float]
-    total: float

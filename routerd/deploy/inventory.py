@@ -17,12 +17,13 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from routerd import releases, routers
+from routerd import keys
+from routerd.deploy import releases, routers
+from routerd.deploy.releases import Lock, Release, active_release, registered_releases
+from routerd.deploy.runtime import Container, Runtime, remove_each
 from routerd.errors import ContainerError, DeployError, LockHeld
-from routerd.model import Snapshot
-from routerd.releases import Lock, Release, active_release, app_key, registered_releases
-from routerd.runtime import Container, Runtime, remove_each
-from routerd.store import Delete, Store
+from routerd.routerstatus import RouterStatus
+from routerd.store import Delete, Snapshot, Store
 
 Say = Callable[[str], None]
 
@@ -54,12 +55,12 @@ async def collect_garbage(
     names each container left.
     """
     containers = await asyncio.to_thread(runtime.list, app)
-    snapshot = await store.range(app_key(app, "") if app else "apps/")
+    snapshot = await store.range(keys.app(app) if app else keys.APPS)
     apps = {c.app for c in containers if c.app} | _apps_with_releases(snapshot)
     removed, failed = 0, list[str]()
     for name in sorted(apps if app is None else apps & {app}):
         mine = [c for c in containers if c.app == name]
-        if not force and app_key(name, "config") not in snapshot.kvs:
+        if not force and keys.config(name) not in snapshot.kvs:
             _refuse(store, name, mine, say)
             continue
         gone, left = await _collect_app(
@@ -73,13 +74,13 @@ async def collect_garbage(
 
 
 def _apps_with_releases(snapshot: Snapshot) -> set[str]:
-    return {k.split("/")[1] for k in snapshot.kvs if k.startswith("apps/") and "/releases/" in k}
+    return {k.app for k in map(keys.parse, snapshot.kvs) if k.kind == "instance" and k.app}
 
 
 def _refuse(store: Store, app: str, containers: list[Container], say: Say) -> None:
     names = ", ".join(f"{c.name} ({c.release}, {c.state})" for c in containers) or "nothing"
     say(
-        f"gc: skipped {app}: etcd has no {store.prefix}{app_key(app, 'config')} "
+        f"gc: skipped {app}: etcd has no {store.prefix}{keys.config(app)} "
         f"(wrong --prefix, or another installation's app?); would remove {names}; "
         "pass --force to remove them"
     )
@@ -103,8 +104,8 @@ async def _collect_app(
         say(f"gc: skipped {app}: {exc}")
         return 0, []
     try:
-        snapshot = await store.range(app_key(app, ""))
-        if not force and app_key(app, "config") not in snapshot.kvs:  # removed meanwhile
+        snapshot = await store.range(keys.app(app))
+        if not force and keys.config(app) not in snapshot.kvs:  # removed meanwhile
             _refuse(store, app, containers, say)
             return 0, []
         live = routed(snapshot, app)
@@ -117,8 +118,8 @@ async def _collect_app(
         if dry_run:
             return len(stale), []
         never_served = {r.name for r in releases.history(snapshot, app) if not r.activated}
-        ops = [Delete(app_key(app, "releases", r, ""), prefix=True) for r in stale_keys]
-        ops += [Delete(app_key(app, "history", r)) for r in stale_keys if r in never_served]
+        ops = [Delete(keys.release(app, r), prefix=True) for r in stale_keys]
+        ops += [Delete(keys.history(app, r)) for r in stale_keys if r in never_served]
         if ops and await store.transaction([lock.check()], ops) is None:
             raise DeployError(lock.lost_reason)
         failed = await remove_each(runtime, stale, timeout=10)
@@ -144,8 +145,8 @@ class AppStatus:
 
 
 async def describe(store: Store, runtime: Runtime | None, app: str, *, pool: str) -> AppStatus:
-    snapshot = await store.range(app_key(app, ""))
-    active_kv = snapshot.kvs.get(app_key(app, "active"))
+    snapshot = await store.range(keys.app(app))
+    active_kv = snapshot.kvs.get(keys.active(app))
     containers, error = None, None
     if runtime is not None:
         try:
@@ -167,11 +168,11 @@ async def describe(store: Store, runtime: Runtime | None, app: str, *, pool: str
 
 
 def _router_line(
-    report: routers.RouterReport, prefix: str, app: str, active: str | None, since: int
+    report: RouterStatus, prefix: str, app: str, active: str | None, since: int
 ) -> str:
     errors = report.errors_about(prefix, app, active or "")
     if errors:
-        return f"{report.router_id}: error {errors[0][0]}: {errors[0][1]}"
+        return f"{report.router_id}: error {errors[0].key}: {errors[0].error}"
     if report.revision < since:
         return f"{report.router_id}: behind (revision {report.revision} < {since})"
     serves = active or "every registered release"

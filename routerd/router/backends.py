@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from routerd.errors import ConfigError, ReloadError
-from routerd.model import RoutingTable
-from routerd.nginx import write_atomic
-from routerd.render import Lua
+from routerd.router.install import write_atomic
+from routerd.router.model import RoutingTable
+from routerd.router.render import Lua
 
 LUA_MODULES = ("ndk_http_module.so", "ngx_http_lua_module.so")
 LUA_SOURCE = "lua/routerd.lua"

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 
 from routerd.errors import RenderError
-from routerd.model import App, Cert, Options, RoutingTable
+from routerd.router.model import App, Cert, Options, RoutingTable
 
 SHARDS = 256
 MAIN_TEMPLATE = "nginx.conf.j2"
@@ -75,6 +75,12 @@ class Rendered:
     apps: int
     shards: dict[str, str]
     certs: dict[str, bytes]
+    app_names: frozenset[str] = frozenset()
+
+    @property
+    def files(self) -> set[str]:
+        """Every file the manifest uses, relative to its folder."""
+        return set(self.shards) | set(self.certs)
 
 
 @dataclass(frozen=True)
@@ -146,7 +152,8 @@ class Renderer:
         body = self._render_template(MAIN_TEMPLATE, generation="0" * 64, **context)
         generation = sha256(body)
         main = self._render_template(MAIN_TEMPLATE, generation=generation, **context)
-        return Rendered(main, generation, len(table.apps), shards, certs)
+        names = frozenset(app.name for app in table.apps)
+        return Rendered(main, generation, len(table.apps), shards, certs, names)
 
     def _render_shards(self, apps: tuple[App, ...]) -> dict[str, str]:
         """Every app: unchanged ones come from the cache, by identity or equality."""

@@ -13,22 +13,15 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-from routerd.errors import DeployError, RouterdError, StoreError
+from routerd.errors import RouterdError, StepFailed, StoreError
 
 Say = Callable[[str], None]
 STEPS = 6
 
 
-class StepFailed(DeployError):
-    def __init__(self, number: int, name: str, reason: str) -> None:
-        super().__init__(f"step {number} ({name}) failed: {reason}")
-        self.number, self.name, self.reason = number, name, reason
-
-
 class Progress:
     def __init__(self, say: Say) -> None:
         self.say = say
-        self.durations: dict[str, float] = {}
 
     def line(self, number: int, name: str, text: str) -> None:
         self.say(f"[{number}/{STEPS}] {name}: {text}")
@@ -50,7 +43,6 @@ class Progress:
         except Exception as exc:  # a bug: say where, and let it through with its traceback
             self.line(number, name, f"failed after {since(started)}: {type(exc).__name__}: {exc}")
             raise
-        self.durations[name] = time.monotonic() - started
         detail = f" ({'; '.join(notes)})" if notes else ""
         self.line(number, name, f"done in {since(started)}{detail}")
 

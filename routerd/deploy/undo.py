@@ -23,12 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from routerd import routers
+from routerd import keys
+from routerd.deploy import routers
+from routerd.deploy.plan import DeployOptions, Journal, Plan
+from routerd.deploy.progress import Say, brief, since
+from routerd.deploy.runtime import Runtime, remove_release
 from routerd.errors import RouterdError, StoreError
-from routerd.plan import DeployOptions, Journal, Plan
-from routerd.progress import Say, brief, since
-from routerd.releases import app_key
-from routerd.runtime import Runtime, remove_release
 from routerd.store import Check, Delete, Put, Store
 
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class Undo:
                 restored = await self._retry(
                     "restore active", lambda: self._restore(plan), deadline
                 )
-            except Exception as exc:  # whatever it was, the containers are still decided on
+            except Exception as exc:  # noqa: BLE001  (whatever it was, the containers are still decided on)
                 left.append(f"restore active ({brief(exc)})")
                 if journal.registered:  # deregistering would leave active naming nothing
                     left.append(f"{new} is still registered, as active may name it")
@@ -76,7 +76,7 @@ class Undo:
                     "deregister", lambda: self._deregister(plan), deadline
                 )
                 revision = max(revision, deregister)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (one failed undo never stops the others)
                 left.append(f"deregister {new} ({brief(exc)})")
         if restored is None or not self.options.wait_routers:
             return None  # the routers never routed to it, or the person chose not to wait
@@ -99,7 +99,7 @@ class Undo:
 
     async def _restore(self, plan: Plan) -> int | None:
         """Put ``active`` back; its revision, None when it no longer named the new release."""
-        active = app_key(plan.app, "active")
+        active = keys.active(plan.app)
         undo: Put | Delete = Put(active, plan.active.encode()) if plan.active else Delete(active)
         ours = Check(active, value=plan.release.name.encode())
         revision = await self.store.transaction([ours], [undo])
@@ -110,8 +110,8 @@ class Undo:
 
     async def _deregister(self, plan: Plan) -> int:
         ops = [
-            Delete(app_key(plan.app, "releases", plan.release.name, ""), prefix=True),
-            Delete(app_key(plan.app, "history", plan.release.name)),
+            Delete(keys.release(plan.app, plan.release.name), prefix=True),
+            Delete(keys.history(plan.app, plan.release.name)),
         ]
         revision = await self.store.transaction([], ops)
         self.say(f"rollback: deregistered {plan.release.name}")
@@ -131,7 +131,7 @@ class Undo:
         new = plan.release.name
         try:
             removed = await remove_release(self.runtime, plan.app, [new], self.options.stop_timeout)
-        except Exception as exc:  # e.g. the engine went away: say so, do not raise
+        except Exception as exc:  # noqa: BLE001  (e.g. the engine went away: say so, do not raise)
             return [f"containers of {new} ({brief(exc)}; run: routerd gc)"]
         self.say(f"rollback: removed {removed} container(s) of {new}")
         return []
@@ -142,13 +142,15 @@ class Undo:
         try:
             found = await asyncio.to_thread(self.runtime.list, plan.app, new)
             names = [c.name for c in found]
-        except Exception:  # the names the journal knows will do
+        except Exception:  # noqa: BLE001  (the names the journal knows will do)
             names = [c.name for c in journal.containers]
         self.say(f"rollback: keeping the containers of {new} running, as {why}")
         return [
-            f"containers of {new} left running ({', '.join(names) or 'none found'}); once "
-            f"`routerd status {plan.app}` shows every router serving "
-            f"{plan.active or 'without ' + new}, run: routerd gc {plan.app}"
+            (
+                f"containers of {new} left running ({', '.join(names) or 'none found'}); once "
+                f"`routerd status {plan.app}` shows every router serving "
+                f"{plan.active or 'without ' + new}, run: routerd gc {plan.app}"
+            )
         ]
 
 

@@ -1,4 +1,4 @@
-"""The blue-green deploy of SPEC 1 and 5: six steps, and what undoes each.
+"""The blue-green deploy: six steps, and what undoes each.
 
     1 start     the new release's containers, each answering its health path
     2 register  their instances and the release's history, one transaction
@@ -32,17 +32,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from routerd import releases, routers
-from routerd.errors import DeployError
-from routerd.model import APP_NAME, RELEASE_NAME
-from routerd.plan import DeployOptions, DeployReport, Journal, Plan
-from routerd.progress import Progress, Say, StepFailed, brief
-from routerd.releases import Lock, Release, ReleaseSpec, app_key
-from routerd.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
+from routerd import keys
+from routerd.deploy import releases, routers
+from routerd.deploy.plan import DeployOptions, Journal, Plan
+from routerd.deploy.progress import Progress, Say, brief
+from routerd.deploy.releases import Lock, Release, ReleaseSpec
+from routerd.deploy.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
+from routerd.deploy.undo import Undo
+from routerd.errors import DeployError, StepFailed
+from routerd.keys import APP_NAME, RELEASE_NAME
+from routerd.routerstatus import RouterStatus
 from routerd.store import Check, Delete, Put, Store
-from routerd.undo import Undo
-
-__all__ = ["DeployOptions", "DeployReport", "Deployer"]
 
 
 def check_names(app: str, release: str) -> None:
@@ -74,7 +74,7 @@ class Deployer:
         *,
         release: str | None = None,
         rollback_of: str | None = None,
-    ) -> DeployReport:
+    ) -> None:
         name = release or releases.new_release_name()
         check_names(app, name)
         if problems := releases.spec_problems(spec):
@@ -85,15 +85,15 @@ class Deployer:
         try:
             new = Release(name, spec, releases.now(), rollback_of=rollback_of)
             plan = await self._plan(app, new)
-            return await self._run(plan, lock)
+            await self._run(plan, lock)
         finally:
             self.interruptible = False
             if not await lock.release():
                 self.say(f"could not release the lock of {app}; it expires in {lock.ttl} s")
 
-    async def rollback(self, app: str, *, to: str | None = None) -> DeployReport:
+    async def rollback(self, app: str, *, to: str | None = None) -> None:
         """Deploy again, as a new release, what served before the active release."""
-        snapshot = await self.store.range(app_key(app, ""))
+        snapshot = await self.store.range(keys.app(app))
         active = releases.active_release(snapshot, app)
         known, rejected = releases.read_history(snapshot, app)
         if bad := rejected.get(to) if to else next(iter(rejected.values()), None):
@@ -114,16 +114,16 @@ class Deployer:
             f"rollback of {app}: from {active or '(none)'} to a new release made like "
             f"{target.name} (image {target.spec.image})"
         )
-        return await self.deploy(app, target.spec, rollback_of=target.name)
+        await self.deploy(app, target.spec, rollback_of=target.name)
 
     # -- deciding
 
     async def _plan(self, app: str, new: Release) -> Plan:
-        snapshot = await self.store.range(app_key(app, ""))
-        config = snapshot.kvs.get(app_key(app, "config"))
+        snapshot = await self.store.range(keys.app(app))
+        config = snapshot.kvs.get(keys.config(app))
         if config is None:
             raise DeployError(f"app {app} has no config; run: routerd apps set {app} --domain ...")
-        active_kv = snapshot.kvs.get(app_key(app, "active"))
+        active_kv = snapshot.kvs.get(keys.active(app))
         active = releases.active_release(snapshot, app)
         registered = set(releases.registered_releases(snapshot, app))
         if new.name in registered or new.name == active:
@@ -133,7 +133,7 @@ class Deployer:
         reports = (
             await routers.require_routers(self.store, pool) if self.options.wait_routers else []
         )
-        if hosts := (await self.store.range("hosts/")).kvs:
+        if hosts := (await self.store.range(keys.HOSTS)).kvs:
             self.say(
                 f"note: hosts/ lists {len(hosts)} host(s), but placement over hosts is not "
                 f"implemented yet; using the {self.runtime.name}"
@@ -150,7 +150,7 @@ class Deployer:
 
     # -- the six steps
 
-    async def _run(self, plan: Plan, lock: Lock) -> DeployReport:
+    async def _run(self, plan: Plan, lock: Lock) -> None:
         journal, progress = Journal(), Progress(self.say)
         started = time.monotonic()
         try:
@@ -179,7 +179,6 @@ class Deployer:
             raise
         total = time.monotonic() - started
         self.say(f"deployed {plan.app} {plan.release.name} in {total:.2f} s")
-        return DeployReport(plan.app, plan.release.name, plan.active, progress.durations, total)
 
     async def _steps(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> None:
         await self._start(plan, journal, progress)
@@ -219,21 +218,21 @@ class Deployer:
     async def _register(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> int:
         new = plan.release
         what = (
-            f"{len(journal.containers)} instance(s) of {new.name} under apps/{plan.app}/releases/"
+            f"{len(journal.containers)} instance(s) of {new.name} under {keys.releases(plan.app)}"
         )
         what += " as the active release (the app's first)" if plan.first else " (not active yet)"
         revision = 0
         async with progress.step(2, "register", what) as notes:
             ops: list[Put | Delete] = [
-                Put(app_key(plan.app, "releases", new.name, c.short_id), c.address.encode())
+                Put(keys.instance(plan.app, new.name, c.short_id), c.address.encode())
                 for c in journal.containers
             ]
             record = new.activated_now() if plan.first else new
-            ops.append(Put(app_key(plan.app, "history", new.name), record.to_json()))
+            ops.append(Put(keys.history(plan.app, new.name), record.to_json()))
             checks = [lock.check()]
             if plan.first:
-                ops.append(Put(app_key(plan.app, "active"), new.name.encode()))
-                checks.append(Check(app_key(plan.app, "active")))
+                ops.append(Put(keys.active(plan.app), new.name.encode()))
+                checks.append(Check(keys.active(plan.app)))
             journal.registered = True
             applied = await self.store.transaction(checks, ops)
             if applied is None:
@@ -257,7 +256,7 @@ class Deployer:
             )
             notes.extend(_served(plan, reports))
 
-    async def _wait_routers(self, plan: Plan, revision: int) -> list[routers.RouterReport]:
+    async def _wait_routers(self, plan: Plan, revision: int) -> list[RouterStatus]:
         return await routers.wait_for_routers(
             self.store, pool=plan.pool, revision=revision, timeout=self.options.router_timeout
         )
@@ -270,11 +269,11 @@ class Deployer:
         what = f"active {plan.active or '(none)'} -> {new.name}"
         async with progress.step(5, "switch", what) as notes:
             lock.ensure_held()
-            active = app_key(plan.app, "active")
+            active = keys.active(plan.app)
             guard = Check(active, mod_revision=plan.active_mod) if plan.active else Check(active)
             ops = [
                 Put(active, new.name.encode()),
-                Put(app_key(plan.app, "history", new.name), new.activated_now().to_json()),
+                Put(keys.history(plan.app, new.name), new.activated_now().to_json()),
             ]
             journal.switched = True
             revision = await self.store.transaction([lock.check(), guard], ops)
@@ -294,11 +293,9 @@ class Deployer:
             await asyncio.sleep(self.options.drain)
             self.interruptible = False
             lock.ensure_held()
-            known = releases.history(
-                await self.store.range(app_key(plan.app, "history/")), plan.app
-            )
+            known = releases.history(await self.store.range(keys.history(plan.app)), plan.app)
             ops: list[Put | Delete] = [
-                Delete(app_key(plan.app, "releases", name, ""), prefix=True) for name in old
+                Delete(keys.release(plan.app, name), prefix=True) for name in old
             ]
             ops += releases.prune_ops(known, {plan.release.name, *old}, plan.app)
             # Committed once this is sent: should etcd fail to answer, it may have
@@ -311,11 +308,11 @@ class Deployer:
             notes.append(f"{removed} container(s) removed")
 
     async def _why_refused(self, plan: Plan, lock: Lock) -> str:
-        snapshot = await self.store.range(app_key(plan.app, ""))
+        snapshot = await self.store.range(keys.app(plan.app))
         lock_kv = snapshot.kvs.get(lock.key)
         if lock.lost or lock_kv is None or lock_kv.value != lock.token:
             return lock.lost_reason
-        active = snapshot.kvs.get(app_key(plan.app, "active"))
+        active = snapshot.kvs.get(keys.active(plan.app))
         now = active.value.decode("utf-8", "replace") if active else "(none)"
         written = f"written at revision {active.mod_revision}" if active else "deleted"
         return (
@@ -338,7 +335,7 @@ class Deployer:
 # ------------------------------------------------------------------ helpers
 
 
-def _served(plan: Plan, reports: list[routers.RouterReport]) -> list[str]:
+def _served(plan: Plan, reports: list[RouterStatus]) -> list[str]:
     return [
         f"{r.router_id} serves {r.config_sha256[:12]}"
         + (" (unchanged)" if plan.served_by.get(r.router_id) == r.config_sha256 else "")

@@ -1,0 +1,292 @@
+"""The deploy controller's commands: ``deploy``, ``rollback``, ``gc``, ``status``.
+
+Flags are checked here, each failure naming its flag, before anything
+starts; a deploy runs as one task that SIGINT or SIGTERM cancels, which
+rolls it back (a second signal only says to wait). Exit codes are the
+entry point's: 130 for an interrupted deploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import click
+
+from routerd import keys
+from routerd.deploy.releases import ENV_NAME, ReleaseSpec, pool_of, spec_problems
+from routerd.deploy.routers import router_statuses
+from routerd.errors import ConfigError, ContainerError
+from routerd.keys import APP_NAME, RELEASE_NAME
+from routerd.settings import Command, etcd_options, etcd_settings, flag
+from routerd.store import Snapshot, Store
+
+EXIT_INTERRUPTED = 130
+POSITIVE = click.FloatRange(min=0, min_open=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def docker_options(command: F) -> F:
+    for option in reversed(
+        [
+            flag("--docker-host", help="Docker engine URL (default: DOCKER_HOST or the socket)"),
+            flag(
+                "--advertise-host", default="127.0.0.1", help="address routers reach containers at"
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def deploy_options(command: F) -> F:
+    """How a deploy waits, drains and rolls back; shared by deploy and rollback."""
+    options = [
+        flag("--health-timeout", default=30.0, type=POSITIVE, help="seconds to get healthy"),
+        flag(
+            "--drain",
+            default=2.0,
+            type=click.FloatRange(min=0),
+            help="seconds between the switch and the old release's stop",
+        ),
+        flag("--router-timeout", default=30.0, type=POSITIVE, help="seconds to wait for routers"),
+        flag("--no-wait-routers", is_flag=True, help="go on without routers to confirm"),
+        flag("--stop-timeout", default=10.0, type=POSITIVE, help="seconds from SIGTERM to KILL"),
+        flag("--rollback-timeout", default=30.0, type=POSITIVE, help="seconds a rollback retries"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return docker_options(etcd_options(command))
+
+
+def check_app(app: str) -> str:
+    if APP_NAME.fullmatch(app) is None:
+        raise ConfigError("app", f"{app!r} must match {APP_NAME.pattern}")
+    return app
+
+
+def release_spec(params: Mapping[str, Any]) -> ReleaseSpec:
+    env = {}
+    for item in params["env"]:
+        name, sep, value = item.partition("=")
+        if not sep or ENV_NAME.fullmatch(name) is None:
+            raise ConfigError("--env", f"{item!r} must be K=V with K a variable name")
+        env[name] = value
+    spec = ReleaseSpec(
+        image=params["image"],
+        env=env,
+        replicas=params["replicas"],
+        port=params["port"],
+        network=params["network"],
+        health_path=params["health_path"],
+    )
+    for problem in spec_problems(spec):  # the rules a release read back from etcd obeys too
+        field = problem.split(" ", 1)[0]
+        raise ConfigError("--" + field.replace("_", "-"), problem)
+    return spec
+
+
+def options_of(params: Mapping[str, Any]) -> Any:
+    from routerd.deploy.plan import DeployOptions
+
+    return DeployOptions(
+        health_timeout=params["health_timeout"],
+        drain=params["drain"],
+        router_timeout=params["router_timeout"],
+        wait_routers=not params["no_wait_routers"],
+        stop_timeout=params["stop_timeout"],
+        rollback_timeout=params["rollback_timeout"],
+    )
+
+
+def drive(params: Mapping[str, Any], work: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
+    """Run a deploy; SIGINT or SIGTERM stops it and it rolls back (a second one waits)."""
+    from routerd.deploy.controller import Deployer
+    from routerd.deploy.runtime import DockerRuntime
+
+    options, settings = options_of(params), etcd_settings(params)
+    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
+
+    async def main() -> int:
+        async with Store(settings) as store:
+            deployer = Deployer(store, runtime, options, say=say)
+            task = asyncio.create_task(work(deployer))
+            loop = asyncio.get_running_loop()
+
+            def interrupt(sig: signal.Signals) -> None:
+                if deployer.interruptible and not task.cancelling():
+                    say(f"routerd: {sig.name}: stopping the deploy")
+                    task.cancel()
+                else:
+                    say(f"routerd: {sig.name}: rolling back or cleaning up; please wait")
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, interrupt, sig)
+            try:
+                await task
+            except asyncio.CancelledError:
+                return EXIT_INTERRUPTED
+        return 0
+
+    return asyncio.run(main())
+
+
+@click.command(cls=Command)
+@click.argument("app")
+@flag("--image", required=True, help="an image on the engine (never pulled)")
+@flag("--replicas", default=1, type=int, help="containers")
+@flag("--port", default=5000, type=int, help="$PORT inside the container on a bridge network")
+@flag("--env", multiple=True, metavar="K=V", help="environment (repeatable)")
+@flag("--release", help="release name (default: r<UTC time>-<4 hex>)")
+@flag(
+    "--network",
+    default="bridge",
+    type=click.Choice(["bridge", "host"]),
+    help="bridge publishes $PORT on a free host port; host makes $PORT a free host port",
+)
+@flag("--health-path", default="/", help="path each container must answer with 2xx or 3xx")
+@deploy_options
+def deploy(app: str, **params: Any) -> int:
+    """Blue-green deploy of a new release: six steps, rolled back on failure."""
+    check_app(app)
+    release = params["release"]
+    if release and RELEASE_NAME.fullmatch(release) is None:
+        raise ConfigError("--release", f"{release!r} must match {RELEASE_NAME.pattern}")
+    spec = release_spec(params)
+    return drive(params, lambda deployer: deployer.deploy(app, spec, release=release))
+
+
+@click.command(cls=Command)
+@click.argument("app")
+@flag("--to", metavar="RELEASE", help="a release from the app's history")
+@deploy_options
+def rollback(app: str, **params: Any) -> int:
+    """Deploy the release before the active one again, by the same steps."""
+    check_app(app)
+    return drive(params, lambda deployer: deployer.rollback(app, to=params["to"]))
+
+
+@click.command(cls=Command)
+@click.argument("app", required=False)
+@flag("--dry-run", is_flag=True, help="say what would go; remove nothing")
+@flag("--force", is_flag=True, help="also remove containers of apps etcd has no config for")
+@docker_options
+@etcd_options
+def gc(app: str | None, **params: Any) -> int:
+    """Remove releases and containers nothing routes to."""
+    from routerd.deploy.inventory import collect_garbage
+    from routerd.deploy.runtime import DockerRuntime
+
+    if app is not None:
+        check_app(app)
+    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
+
+    async def work() -> None:
+        async with Store(etcd_settings(params)) as store:
+            count = await collect_garbage(
+                store,
+                runtime,
+                app=app,
+                dry_run=params["dry_run"],
+                force=params["force"],
+                say=say,
+            )
+        say(f"gc: {'would remove' if params['dry_run'] else 'removed'} {count} container(s)")
+
+    asyncio.run(work())
+    return 0
+
+
+# ----------------------------------------------------------------- status
+
+
+@click.command(cls=Command)
+@click.argument("app", required=False)
+@flag("--docker-host", help="Docker engine URL (default: DOCKER_HOST or the socket)")
+@etcd_options
+def status(app: str | None, **params: Any) -> int:
+    """Routers and what each serves, apps, releases, instances; with an app,
+    its history, containers and what each router of its pool serves."""
+
+    async def work() -> None:
+        async with Store(etcd_settings(params)) as store:
+            snapshot = await store.snapshot()
+            print(f"revision {snapshot.revision}")
+            print_routers(snapshot, app)
+            for name in keys.app_names(snapshot.kvs) if app is None else [app]:
+                print_app(snapshot, name)
+            if app is not None:
+                await print_deploy_state(store, app, params["docker_host"])
+
+    asyncio.run(work())
+    return 0
+
+
+def print_routers(snapshot: Snapshot, app: str | None) -> None:
+    found, unreadable = router_statuses(snapshot)
+    print(f"routers ({len(found) + len(unreadable)}):")
+    for router in found:
+        print(
+            f"  {router.router_id}\tpool={router.pool} revision={router.revision} "
+            f"apps={router.apps} config={router.config_sha256[:12]} "
+            f"applied_at={router.applied_at} errors={len(router.errors)}"
+        )
+        for error in router.errors:
+            if app is None or f"/{keys.app(app)}" in error.key:
+                print(f"    error {error.key}: {error.error}")
+    for router_id in unreadable:
+        print(f"  {router_id}\t(unreadable status)")
+
+
+def print_app(snapshot: Snapshot, name: str) -> None:
+    active = snapshot.kvs.get(keys.active(name))
+    print(
+        f"app {name}"
+        + (f" (active release {active.value.decode('utf-8', 'replace')})" if active else "")
+    )
+    base = keys.releases(name)
+    for key in sorted(k for k in snapshot.kvs if k.startswith(base)):
+        release, _, instance = key[len(base) :].partition("/")
+        print(f"  {release}/{instance}\t{snapshot.kvs[key].value.decode('utf-8', 'replace')}")
+
+
+async def print_deploy_state(store: Store, app: str, docker_host: str | None) -> None:
+    """``status <app>``: its release history, containers and what each router serves."""
+    from routerd.deploy.inventory import describe
+    from routerd.deploy.runtime import DockerRuntime
+
+    runtime, runtime_error = None, None
+    try:
+        runtime = DockerRuntime(docker_host)
+    except ContainerError as exc:
+        runtime_error = str(exc)
+    pool = pool_of(await store.get(keys.config(app)))
+    state = await describe(store, runtime, app, pool=pool)
+    print(f"  history ({len(state.history)}):")
+    for release in state.history:
+        spec = release.spec
+        mark = "*" if release.name == state.active else " "
+        print(
+            f"   {mark}{release.name}\timage={spec.image} replicas={spec.replicas} "
+            f"network={spec.network} created={release.created} "
+            f"activated={release.activated or '-'}"
+            + (f" rollback_of={release.rollback_of}" if release.rollback_of else "")
+        )
+    if state.containers is None:
+        print(f"  containers: unknown ({state.runtime_error or runtime_error})")
+    else:
+        print(f"  containers ({len(state.containers)}):")
+        for c in state.containers:
+            print(f"    {c.name}\t{c.short_id} release={c.release} {c.state} port={c.port}")
+    print(f"  routers of pool {pool} ({len(state.routers)}):")
+    for line in state.routers:
+        print(f"    {line}")
+
+
+COMMANDS = (deploy, rollback, gc, status)
