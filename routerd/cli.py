@@ -14,6 +14,7 @@ import click
 
 from routerd import __version__
 from routerd.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+from routerd.deploy.lifecycle import COMMANDS as LIFECYCLE_COMMANDS
 from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
 from routerd.router.commands import COMMANDS as ROUTER_COMMANDS
 from routerd.settings import Group, check_environment
@@ -42,7 +43,7 @@ def routerd() -> None:
     """Router configuration sidecar for nginx: etcd in, confirmed reloads out."""
 
 
-for command in (*ROUTER_COMMANDS, *DEPLOY_COMMANDS):
+for command in (*ROUTER_COMMANDS, *DEPLOY_COMMANDS, *LIFECYCLE_COMMANDS):
     routerd.add_command(command)
 
 

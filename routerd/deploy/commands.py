@@ -164,12 +164,19 @@ def deploy(app: str, **params: Any) -> int:
 
 @click.command(cls=Command)
 @click.argument("app")
-@flag("--to", metavar="RELEASE", help="a release from the app's history")
+@click.argument("version", required=False)
+@flag("--to", metavar="RELEASE", help="a release from the app's history, by name")
 @deploy_options
-def rollback(app: str, **params: Any) -> int:
-    """Deploy the release before the active one again, by the same steps."""
+def rollback(app: str, version: str | None, **params: Any) -> int:
+    """Deploy an earlier release again (its image and config vars), by the same steps.
+
+    Without VERSION (v7, as `routerd releases` lists them) or --to, the
+    release that served before the active one."""
     check_app(app)
-    return drive(params, lambda deployer: deployer.rollback(app, to=params["to"]))
+    if version and params["to"]:
+        raise ConfigError("--to", "give a VERSION or --to, not both")
+    target = version or params["to"]
+    return drive(params, lambda deployer: deployer.rollback(app, to=target))
 
 
 @click.command(cls=Command)

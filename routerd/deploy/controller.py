@@ -30,19 +30,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from routerd import keys
-from routerd.deploy import releases, routers
+from routerd.deploy import configvars, releases, routers
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Progress, Say, brief
 from routerd.deploy.releases import Lock, Release, ReleaseSpec
 from routerd.deploy.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
 from routerd.deploy.undo import Undo
-from routerd.errors import DeployError, StepFailed
+from routerd.errors import DeployError, InvalidValue, StepFailed
 from routerd.keys import APP_NAME, RELEASE_NAME
 from routerd.routerstatus import RouterStatus
-from routerd.store import Check, Delete, Put, Store
+from routerd.store import Check, Delete, Put, Snapshot, Store
 
 
 def check_names(app: str, release: str) -> None:
@@ -73,8 +74,11 @@ class Deployer:
         spec: ReleaseSpec,
         *,
         release: str | None = None,
-        rollback_of: str | None = None,
+        rollback_of: Release | None = None,
     ) -> None:
+        """Deploy ``spec`` as a new release: its env is the app's config vars
+        overlaid by ``spec.env`` (the deploy's own --env); a rollback runs the
+        target's env as it was and, once it serves, puts its config vars back."""
         name = release or releases.new_release_name()
         check_names(app, name)
         if problems := releases.spec_problems(spec):
@@ -83,8 +87,9 @@ class Deployer:
         lock = Lock(self.store, app, f"deploy {name}", ttl=self.options.lock_ttl)
         await lock.acquire()
         try:
-            new = Release(name, spec, releases.now(), rollback_of=rollback_of)
-            plan = await self._plan(app, new)
+            back_to = rollback_of.name if rollback_of else None
+            new = Release(name, spec, releases.now(), rollback_of=back_to)
+            plan = await self._plan(app, new, rollback_of)
             await self._run(plan, lock)
         finally:
             self.interruptible = False
@@ -92,7 +97,8 @@ class Deployer:
                 self.say(f"could not release the lock of {app}; it expires in {lock.ttl} s")
 
     async def rollback(self, app: str, *, to: str | None = None) -> None:
-        """Deploy again, as a new release, what served before the active release."""
+        """Deploy again, as a new release, what served before the active release,
+        or the release ``to`` names (a version like v7, or a release name)."""
         snapshot = await self.store.range(keys.app(app))
         active = releases.active_release(snapshot, app)
         known, rejected = releases.read_history(snapshot, app)
@@ -105,20 +111,24 @@ class Deployer:
                 + ("" if to else ", or name a valid release with --to")
             ) from bad
         if to is not None:
-            target = next((r for r in known if r.name == to), None)
+            target = releases.by_version(known, to) or next(
+                (r for r in known if r.name == to), None
+            )
             if target is None:
-                raise DeployError(f"release {to} of {app} is not in its history")
+                raise DeployError(
+                    f"{to} is not in the history of {app}; `routerd releases {app}` lists it"
+                )
         else:
             target = releases.previous_release(known, active)
         self.say(
             f"rollback of {app}: from {active or '(none)'} to a new release made like "
-            f"{target.name} (image {target.spec.image})"
+            f"{target.label} {target.name} (image {target.spec.image}, its config vars)"
         )
-        await self.deploy(app, target.spec, rollback_of=target.name)
+        await self.deploy(app, target.spec, rollback_of=target)
 
     # -- deciding
 
-    async def _plan(self, app: str, new: Release) -> Plan:
+    async def _plan(self, app: str, new: Release, rollback_of: Release | None) -> Plan:
         snapshot = await self.store.range(keys.app(app))
         config = snapshot.kvs.get(keys.config(app))
         if config is None:
@@ -138,6 +148,16 @@ class Deployer:
                 f"note: hosts/ lists {len(hosts)} host(s), but placement over hosts is not "
                 f"implemented yet; using the {self.runtime.name}"
             )
+        version, version_mod = releases.next_version(snapshot, app)
+        if rollback_of is not None:
+            new = replace(new, config_vars=rollback_of.config_vars, version=version)
+            restore = rollback_of.config_env()
+        else:
+            config_vars = self._config_vars(app, snapshot)
+            spec = replace(new.spec, env={**config_vars, **new.spec.env})
+            names = tuple(sorted(config_vars))
+            new = replace(new, spec=spec, config_vars=names, version=version)
+            restore = None
         return Plan(
             app=app,
             release=new,
@@ -146,7 +166,17 @@ class Deployer:
             active_mod=active_kv.mod_revision if active_kv else 0,
             registered=frozenset(registered),
             served_by={r.router_id: r.config_sha256 for r in reports},
+            version_mod=version_mod,
+            restore_config=restore,
         )
+
+    def _config_vars(self, app: str, snapshot: Snapshot) -> dict[str, str]:
+        kv = snapshot.kvs.get(keys.env(app))
+        where = self.store.prefix + keys.env(app)
+        try:
+            return configvars.parse(where, kv.value if kv else None)
+        except InvalidValue as exc:
+            raise DeployError(f"cannot read the config vars: {exc}") from exc
 
     # -- the six steps
 
@@ -191,7 +221,8 @@ class Deployer:
         spec = plan.release.spec
         what = (
             f"{spec.replicas} container(s) of {plan.app} {plan.release.name} "
-            f"(image {spec.image}, network {spec.network}, on the {self.runtime.name})"
+            f"({plan.release.label}, image {spec.image}, network {spec.network}, "
+            f"on the {self.runtime.name})"
         )
         async with progress.step(1, "start", what) as notes:
             await self._thread(journal, self.runtime.check_image, spec.image)
@@ -229,7 +260,11 @@ class Deployer:
             ]
             record = new.activated_now() if plan.first else new
             ops.append(Put(keys.history(plan.app, new.name), record.to_json()))
-            checks = [lock.check()]
+            ops.append(Put(keys.version(plan.app), str(new.version).encode()))
+            version_key = keys.version(plan.app)  # taken once: never given twice
+            checks = [lock.check(), Check(version_key, mod_revision=plan.version_mod)]
+            if not plan.version_mod:
+                checks[-1] = Check(version_key)
             if plan.first:
                 ops.append(Put(keys.active(plan.app), new.name.encode()))
                 checks.append(Check(keys.active(plan.app)))
@@ -298,6 +333,8 @@ class Deployer:
                 Delete(keys.release(plan.app, name), prefix=True) for name in old
             ]
             ops += releases.prune_ops(known, {plan.release.name, *old}, plan.app)
+            if plan.restore_config is not None:
+                ops.append(Put(keys.env(plan.app), configvars.to_json(plan.restore_config)))
             # Committed once this is sent: should etcd fail to answer, it may have
             # applied it, and putting ``active`` back could name a deleted release.
             journal.committed = True

@@ -68,6 +68,7 @@ class Container:
     host: str
     port: int | None
     state: str = ""
+    started: str = ""  # when it last started, as the engine says (RFC 3339)
 
     @property
     def short_id(self) -> str:
@@ -237,6 +238,7 @@ class DockerRuntime:
             host=self.advertise_host,
             port=_published_port(attrs),
             state=attrs.get("State", {}).get("Status", ""),
+            started=attrs.get("State", {}).get("StartedAt", ""),
         )
 
 

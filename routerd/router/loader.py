@@ -52,6 +52,8 @@ class _AppKeys:
     instances: list[tuple[str, str, str, KeyValue]] = field(default_factory=list)
 
 
+ROUTING_KINDS = frozenset({"config", "active", "instance"})  # what an app is routed by
+ROUTING_SEGMENTS = frozenset({"config", "active", "releases"})  # as spelled in a key
 DNS_TTL_S = 30.0  # how long a DNS name's verdict holds
 
 
@@ -114,7 +116,7 @@ class Loader:
                 if not self._regroup(rel, key, snapshot):
                     return None
                 dirty.add(key.app or "")
-            elif key.kind not in ("history", "lock", "env", "other") or key.app is None:
+            elif key.kind in ROUTING_KINDS or _misshapen(key) or key.app is None:
                 return None  # configs, certs, anything unsure: a full load decides
         errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
         apps = [
@@ -170,7 +172,7 @@ class Loader:
         apps: dict[str, _AppKeys],
         errors: list[Rejection],
     ) -> None:
-        if key.kind in ("history", "lock", "env", "weights", "other"):
+        if key.kind not in ROUTING_KINDS and not _misshapen(key):
             return  # the deploy controller's keys are not routing input
         if key.app is None or APP_NAME.fullmatch(key.app) is None:
             errors.append(Rejection(full, f"app name {key.app!r} must match {APP_NAME.pattern}"))
@@ -306,3 +308,8 @@ def _instance(key: str, release: str, name: str, kv: KeyValue) -> Instance:
         ok = RELEASE_NAME.fullmatch(value) is not None
         expect(key, ok, f"{label} name {value!r} must match {RELEASE_NAME.pattern}")
     return parse_instance(key, release, name, kv.value)
+
+
+def _misshapen(key: keys.Key) -> bool:
+    """A key that claims to be routing input but has the wrong shape."""
+    return key.kind == "invalid" and key.name in ROUTING_SEGMENTS
