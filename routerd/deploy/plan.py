@@ -34,6 +34,10 @@ class Plan:
     active_mod: int  # mod revision of ``active`` as read; 0 when there is none
     registered: frozenset[str]  # releases with instances before the deploy
     served_by: dict[str, str]  # router id -> config hash before the deploy
+    placement: tuple[str, ...] = ()  # the host of each container; "" for the one local engine
+
+    def host_of(self, index: int) -> str:
+        return self.placement[index] if index < len(self.placement) else ""
 
     @property
     def first(self) -> bool:

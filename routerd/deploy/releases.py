@@ -1,8 +1,9 @@
 """What the deploy controller keeps in etcd beside the routing keys.
 
 - ``apps/<app>/history/<release>``: how a release was made (image, env,
-  replicas, port, network, health path), when it was created and when it
-  first took traffic, so ``routerd rollback`` can make it again.
+  replicas, port, network, health path, reservations and constraints),
+  when it was created and when it first took traffic, so ``routerd
+  rollback`` and ``routerd scale`` can make its containers again.
 - ``apps/<app>/lock``: one deploy per app, held on a lease, so the lock of a
   controller that crashed expires by itself; its value says who holds it.
 
@@ -28,6 +29,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routerd import keys
+from routerd.deploy.hosts import (
+    DEFAULT_CPUS,
+    DEFAULT_MEMORY_MB,
+    json_object,
+    reservation_problems,
+    tag_problems,
+)
 from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
 from routerd.keys import RELEASE_NAME, parse_release_name
 from routerd.logs import log
@@ -106,6 +114,17 @@ class ReleaseSpec:
     port: int = 5000
     network: str = "bridge"
     health_path: str = "/"
+    cpus: float | None = None  # a Docker limit per container; None: none
+    memory_mb: int | None = None
+    constraints: Mapping[str, str] = field(default_factory=dict)  # host tags to run on
+
+    @property
+    def reservation(self) -> tuple[float, int]:
+        """(CPUs, MB) each container reserves for placement: its limits, else the defaults."""
+        return (
+            DEFAULT_CPUS if self.cpus is None else self.cpus,
+            DEFAULT_MEMORY_MB if self.memory_mb is None else self.memory_mb,
+        )
 
 
 def spec_problems(spec: ReleaseSpec) -> list[str]:
@@ -136,6 +155,8 @@ def spec_problems(spec: ReleaseSpec) -> list[str]:
             f"health_path {spec.health_path!r} must start with / and hold only URL path "
             "characters (letters, digits, -._~!$&'()*+,;=:@/? and %XX)"
         )
+    found += reservation_problems(*spec.reservation)  # the defaults always pass
+    found += tag_problems("constraints", spec.constraints)
     return found
 
 
@@ -161,12 +182,7 @@ class Release:
         """Read a history record back; InvalidValue (naming ``key`` and the
         field) unless every field is one a deploy may run with."""
         key = key or f"release {name}"
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidValue(key, f"not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidValue(key, "not a JSON object")
+        data = json_object(key, raw)
         if "image" not in data:
             raise InvalidValue(key, "image is missing")
         defaults = asdict(ReleaseSpec(image=""))

@@ -37,6 +37,7 @@ from deploy_helpers import (
 )
 from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
 
+from routerd.deploy.engines import Engines
 from routerd.deploy.inventory import collect_garbage
 from routerd.deploy.runtime import DockerRuntime
 from routerd.settings import EtcdSettings, parse_endpoints
@@ -453,7 +454,8 @@ async def _gc(etcd: Any, app: str, say: Any, **options: Any) -> int:
     settings = EtcdSettings(endpoints=parse_endpoints("--etcd", etcd.endpoint), prefix=PREFIX)
     store = Store(settings)
     try:
-        return await collect_garbage(store, DockerRuntime(), app=app, say=say, **options)
+        engines = Engines.local(DockerRuntime())
+        return await collect_garbage(store, engines, app=app, say=say, **options)
     finally:
         await store.close()
 
