@@ -14,8 +14,10 @@ engine or a broken connection would. Does not import routerd.
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
 import io
+import itertools
 import os
 import queue
 import re
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from helpers import PREFIX, REPO, Etcd, in_ci
 
 IMAGE = "routerd-test-app:1"
@@ -208,8 +211,54 @@ def deploy_args(
     return args + list(extra)
 
 
+def release_of(done: Deploy) -> str:
+    """The release a deploy made, from its first progress line."""
+    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
+    return line.split(" of ", 1)[1].split()[1]
+
+
 def stop_signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+# ------------------------------------------------------------ traffic
+
+
+class Load:
+    """Threads sending requests through nginx, a new connection each, counting failures."""
+
+    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{router.http_port}/"
+        self.host = host
+        self.stop = threading.Event()
+        self.ok: collections.Counter[str] = collections.Counter()
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        for _ in itertools.count():
+            if self.stop.is_set():
+                return
+            try:
+                answer = requests.get(
+                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
+                )
+                if answer.status_code == 200:
+                    self.ok[answer.text.split()[1]] += 1
+                else:
+                    self.failures.append(f"HTTP {answer.status_code}")
+            except requests.RequestException as exc:
+                self.failures.append(type(exc).__name__)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
 
 
 # ------------------------------------------------------------ engine faults

@@ -155,8 +155,10 @@ class DockerRuntime:
         self.advertise_host = advertise_host
         self.host = host
         with engine_call(f"cannot reach the {self.name}"):
-            if base_url:
-                self.client = docker.DockerClient(base_url=base_url, tls=_tls_config(tls))
+            if tls is not None:
+                self.client = _TlsDockerClient(base_url=base_url, tls=_tls_config(tls))
+            elif base_url:
+                self.client = docker.DockerClient(base_url=base_url)
             else:
                 self.client = docker.from_env()
             self.client.ping()
@@ -211,7 +213,7 @@ class DockerRuntime:
         return self._describe(created)
 
     def start(self, container: Container) -> Container:
-        with engine_call(f"cannot start {container.name}"):
+        with engine_call(f"cannot start {container.name} on the {self.name}"):
             handle = self.client.containers.get(container.id)
             handle.start()
             handle.reload()
@@ -243,7 +245,7 @@ class DockerRuntime:
         return None if answer.status_code < 400 else f"HTTP {answer.status_code}"
 
     def _check_running(self, container: Container) -> None:
-        what = f"cannot inspect {container.name}"
+        what = f"cannot inspect {container.name} on the {self.name}"
         try:
             with engine_call(what):
                 handle = self.client.containers.get(container.id)
@@ -253,7 +255,7 @@ class DockerRuntime:
             raise
         state = handle.attrs.get("State", {})
         if state.get("Status") != "running":
-            with engine_call(f"cannot read the output of {container.name}"):
+            with engine_call(f"cannot read the output of {container.name} on the {self.name}"):
                 logs = handle.logs(tail=5).decode("utf-8", "replace").strip()
             raise Unhealthy(
                 f"{container.name} {state.get('Status')} with code {state.get('ExitCode')}"
@@ -263,7 +265,7 @@ class DockerRuntime:
     def remove(self, container: Container, *, timeout: float) -> None:
         """Stop gracefully (SIGTERM, SIGKILL after ``timeout``), then remove."""
         try:
-            with engine_call(f"cannot remove {container.name}"):
+            with engine_call(f"cannot remove {container.name} on the {self.name}"):
                 handle = self.client.containers.get(container.id)
                 handle.stop(timeout=max(0, round(timeout)))
                 handle.remove(v=True, force=True)
@@ -296,11 +298,28 @@ class DockerRuntime:
         )
 
 
-def _tls_config(tls: tuple[str, str, str] | None) -> docker.tls.TLSConfig | None:
-    if tls is None:
-        return None
+def _tls_config(tls: tuple[str, str, str]) -> docker.tls.TLSConfig:
     ca, cert, key = tls
     return docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
+
+
+class _TlsAPIClient(docker.APIClient):  # type: ignore[misc]  # docker ships no types
+    """An engine client that verifies with the host's own CA, always.
+
+    requests lets REQUESTS_CA_BUNDLE (set on many machines) replace a
+    session's CA for every request, so the engine's certificate would be
+    checked against the system's CAs and refused; docker-py leaves this to
+    its callers."""
+
+    def merge_environment_settings(self, *args: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(*args)
+        settings["verify"] = self.verify
+        return settings
+
+
+class _TlsDockerClient(docker.DockerClient):  # type: ignore[misc]
+    def __init__(self, **kwargs: Any) -> None:
+        self.api = _TlsAPIClient(**kwargs)
 
 
 def _limits(attrs: Mapping[str, Any]) -> Limits:

@@ -12,25 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import json
 import secrets
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
-import requests
 from deploy_helpers import (
     IMAGE,
     Deploy,
     DockerFaults,
+    Load,
     app_containers,
     build_image,
     deploy_args,
     docker_client,
     docker_socket,
+    release_of,
     remove_app_containers,
     revoke_lease_of,
     run,
@@ -77,12 +76,6 @@ def deploy(etcd: Any, app: str, *, expect: int = 0, **kwargs: Any) -> Deploy:
     done = run(etcd.endpoint, "deploy", *deploy_args(app, **kwargs))
     assert done.proc.returncode == expect, done.output
     return done
-
-
-def release_of(done: Deploy) -> str:
-    """The release a deploy made, from its first progress line."""
-    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
-    return line.split(" of ", 1)[1].split()[1]
 
 
 def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
@@ -482,43 +475,6 @@ def test_gc_goes_on_past_a_container_it_cannot_remove(etcd, docker, app, faults)
 
 
 # ---------------------------------------------------------------- zero downtime
-
-
-class Load:
-    """Threads sending requests through nginx, a new connection each, counting failures."""
-
-    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
-        self.url = f"http://127.0.0.1:{router.http_port}/"
-        self.host = host
-        self.stop = threading.Event()
-        self.ok: collections.Counter[str] = collections.Counter()
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        for _ in itertools.count():
-            if self.stop.is_set():
-                return
-            try:
-                answer = requests.get(
-                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
-                )
-                if answer.status_code == 200:
-                    self.ok[answer.text.split()[1]] += 1
-                else:
-                    self.failures.append(f"HTTP {answer.status_code}")
-            except requests.RequestException as exc:
-                self.failures.append(type(exc).__name__)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
 
 
 def test_no_request_fails_during_deploys_and_a_rollback(etcd, docker, app, live):
