@@ -32,7 +32,7 @@ from routerd.deploy.hosts import DEFAULT_CPUS, DEFAULT_MEMORY_MB, Host, pool_tag
 from routerd.deploy.placement import NOTHING, Candidate, Request, Resources, place
 from routerd.deploy.releases import ReleaseSpec
 from routerd.deploy.runtime import Container, DockerRuntime, Limits, Runtime
-from routerd.errors import ContainerError, DeployError, InvalidValue
+from routerd.errors import ContainerError, DeployError, InvalidValue, Unplaceable
 from routerd.keys import APP_NAME
 from routerd.store import Store
 
@@ -231,7 +231,10 @@ async def place_release(
         say(f"note: host {host} is unreachable ({why}); placing without it")
     usage = await asyncio.to_thread(engines.usage)
     candidates = engines.candidates(usage, app, release)
-    chosen = place(candidates, request)
+    try:
+        chosen = place(candidates, request)
+    except Unplaceable as exc:
+        raise Unplaceable(f"{app} {release} does not fit, so nothing was started: {exc}") from exc
     say(f"placement: {request}: {_placed(candidates, chosen, request.each)}")
     return chosen
 

@@ -159,6 +159,9 @@ def hosts_ls(**params: Any) -> int:
     async def work() -> None:
         async with Store(etcd_settings(params)) as store:
             found, rejected = read_hosts(await store.range(keys.HOSTS))
+        if not found and not rejected:
+            print(f"no hosts under {store.prefix}{keys.HOSTS}: deploys use one Docker engine")
+            return
         engines = await asyncio.to_thread(open_engines, found, rejected)
         usage = await asyncio.to_thread(engines.usage)
         for line in table(engines, usage):
