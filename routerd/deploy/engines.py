@@ -127,7 +127,8 @@ class Engines:
     ) -> tuple[list[Container], dict[str, str]]:
         """Containers of ``app`` (and ``release``) on every engine, and why each
         engine that could not be listed was not (host name -> why)."""
-        found = in_threads({h: _lister(r, app, release) for h, r in self.runtimes.items()})
+        calls = {h: _lister(r, app, release) for h, r in self.runtimes.items()}
+        found = in_threads(calls, READ_TIMEOUT)
         containers, failed = [], dict(self.unreachable)
         for host, outcome in found.items():
             if isinstance(outcome, BaseException):

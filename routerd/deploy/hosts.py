@@ -184,10 +184,10 @@ def docker_problems(url: Any, tls: bool) -> list[str]:
     if parts.path or parts.query or address_problem(host) is not None:
         return [f"docker {url!r} is not tcp://host:port"]
     if not tls and port == TLS_TCP:
-        return [f"docker {url!r}: port {TLS_TCP} is Docker's TLS port; give tls files"]
+        return [f"docker {url!r}: port {TLS_TCP} is Docker's TLS port; give its TLS files"]
     if not tls and not _loopback(host):
         plain = "a plain tcp:// engine gives root on its host to whoever reaches it"
-        return [f"docker {url!r}: {plain}; give tls files (Docker's --tlsverify)"]
+        return [f"docker {url!r}: {plain}; give its TLS files (Docker's --tlsverify)"]
     return []
 
 

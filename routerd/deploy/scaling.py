@@ -75,6 +75,8 @@ class Scaler:
                 await self._up(target, count, lock)
             elif count < have:
                 await self._down(target, count, lock)
+            else:
+                self.say(f"{app} runs {count} container(s) already; nothing to do")
         finally:
             self.interruptible = False
             if not await lock.release():
