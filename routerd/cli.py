@@ -31,7 +31,12 @@ examples:
   routerd run --nginx-conf /etc/nginx/nginx.conf --supervise
   routerd render --dry-run --diff --nginx-conf /etc/nginx/nginx.conf
   routerd apps set shop --domain shop.example.com --option client_max_body_size=50m
+  routerd hosts add node-1 --docker tcp://10.0.1.5:2376 --address 10.0.1.5 \\
+      --tag dataPlane=true,routerMesh=true,high=false \\
+      --tls-ca ca.pem --tls-cert cert.pem --tls-key key.pem
   routerd deploy shop --image shop:42 --replicas 2 --env DATABASE_URL=postgres://db/shop
+  routerd deploy shop --image shop:43 --replicas 2 --cpus 0.5 --memory 512 --constraint zone=b
+  routerd scale shop 4
   routerd rollback shop
   routerd status shop
 """

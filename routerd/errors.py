@@ -17,6 +17,7 @@ with ``from`` so the cause is never lost.
         Unhealthy        a container that will never be healthy
       DeployError        a deploy that cannot go on (it rolls back)
         LockHeld         another deploy of the same app runs
+        Unplaceable      no set of hosts can hold the containers asked for
         StepFailed       one of the six steps, by number
 """
 
@@ -101,6 +102,10 @@ class LockHeld(DeployError):
         super().__init__(f"another deploy of {app} is running: the lock is {holder}")
         self.app = app
         self.holder = holder
+
+
+class Unplaceable(DeployError):
+    """The containers asked for fit on no set of hosts; the message names the shortfall."""
 
 
 class StepFailed(DeployError):

@@ -16,8 +16,8 @@ Keys are relative to the prefix (``--prefix``, default ``/routerd``); only
     hosts/<host>                            a Docker host, for placement
     pools/<pool>                            the host tags of a pool (JSON)
 
-The name rules live here too, since a name is part of a key: apps are DNS
-labels, releases and instances a little freer. ``parse_release_name`` is
+The name rules live here too, since a name is part of a key: apps (and
+pools) are DNS labels, releases, instances and hosts a little freer. ``parse_release_name`` is
 the one reading of ``active``, shared by the routers and the controller.
 """
 
@@ -31,6 +31,7 @@ from routerd.errors import InvalidValue
 
 APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # also instance names
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a Docker host's name, as in hosts/
 
 APPS, CERTS, ROUTERS, HOSTS, POOLS = "apps/", "certs/", "routers/", "hosts/", "pools/"
 ROUTING = (APPS, CERTS)  # what routers render from; the rest never reaches nginx

@@ -1,7 +1,9 @@
-"""Fixtures that start real processes: etcd, routerd (with its nginx), backends.
+"""Fixtures that start real processes: etcd, routerd (with its nginx), backends,
+and extra Docker engines for placement.
 
 etcd runs once per test module and every key is wiped before each test (a
-start costs most of a second; a wipe costs a millisecond). A test that stops
+start costs most of a second; a wipe costs a millisecond); the extra Docker
+engines run once per session. A test that stops
 or freezes etcd leaves it to the next test's wipe to bring it back. Each
 routerd gets its own ports and folder, and is stopped after the test; when a
 test fails its report carries the tail of routerd's log and nginx's error log.
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engines import Engine, make_engines, start_engines, stop_engines
 from helpers import Backend, Etcd, Routerd
 
 HANDLES = pytest.StashKey[list[Routerd]]()
+FLEET = ["shared-a", "shared-b", "dedicated-a", "dedicated-b"]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -36,6 +40,20 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
+    """Four extra Docker engines, one per pretend host, started once per session
+    (a start costs seconds); a test that stops one leaves it to the next to
+    restart. The last is also reached over tcp:// with TLS."""
+    root = tmp_path_factory.mktemp("engines")
+    engines = make_engines(root, FLEET, tls=FLEET[-1])
+    try:
+        start_engines(engines)
+        yield engines
+    finally:
+        stop_engines(engines, root)
 
 
 @pytest.fixture

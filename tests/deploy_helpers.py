@@ -212,8 +212,64 @@ def deploy_args(
     return args + list(extra)
 
 
+def release_of(done: Deploy) -> str:
+    """The release a deploy made, from its first progress line."""
+    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
+    return line.split(" of ", 1)[1].split()[1]
+
+
+def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
+    """Which releases answered ``count`` requests for the app (body: app release message)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        answer = router.http(f"{app}.test")
+        assert answer.status_code == 200, (answer.status_code, answer.text)
+        seen[answer.text.split()[1]] += 1
+    return seen
+
+
 def stop_signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+# ------------------------------------------------------------ traffic
+
+
+class Load:
+    """Threads sending requests through nginx, a new connection each, counting failures."""
+
+    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{router.http_port}/"
+        self.host = host
+        self.stop = threading.Event()
+        self.ok: collections.Counter[str] = collections.Counter()
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        for _ in itertools.count():
+            if self.stop.is_set():
+                return
+            try:
+                answer = requests.get(
+                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
+                )
+                if answer.status_code == 200:
+                    self.ok[answer.text.split()[1]] += 1
+                else:
+                    self.failures.append(f"HTTP {answer.status_code}")
+            except requests.RequestException as exc:
+                self.failures.append(type(exc).__name__)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
 
 
 # ------------------------------------------------------------ engine faults
@@ -317,59 +373,3 @@ def revoke_lease_of(etcd: Etcd, key: str) -> None:
     found = etcd._call("kv/range", {"key": base64.b64encode(key.encode()).decode()})
     (kv,) = found["kvs"]
     etcd._call("lease/revoke", {"ID": kv["lease"]})
-
-
-# ------------------------------------------------------------ deploy outcomes
-
-
-def release_of(done: Deploy) -> str:
-    """The release a deploy made, from its first progress line."""
-    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
-    return line.split(" of ", 1)[1].split()[1]
-
-
-def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
-    """Which releases answered ``count`` requests for the app (body: app release message)."""
-    seen: collections.Counter[str] = collections.Counter()
-    for _ in range(count):
-        answer = router.http(f"{app}.test")
-        assert answer.status_code == 200, (answer.status_code, answer.text)
-        seen[answer.text.split()[1]] += 1
-    return seen
-
-
-class Load:
-    """Threads sending requests through nginx, a new connection each, counting failures."""
-
-    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
-        self.url = f"http://127.0.0.1:{router.http_port}/"
-        self.host = host
-        self.stop = threading.Event()
-        self.ok: collections.Counter[str] = collections.Counter()
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        for _ in itertools.count():
-            if self.stop.is_set():
-                return
-            try:
-                answer = requests.get(
-                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
-                )
-                if answer.status_code == 200:
-                    self.ok[answer.text.split()[1]] += 1
-                else:
-                    self.failures.append(f"HTTP {answer.status_code}")
-            except requests.RequestException as exc:
-                self.failures.append(type(exc).__name__)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)

@@ -9,7 +9,10 @@
     6 destroy   drain, then remove the old release's keys and containers
 
 The plan, before step 1, fails at once when the pool has no live router
-(unless told not to wait for routers): step 3 could only fail later.
+(unless told not to wait for routers): step 3 could only fail later. Where
+hosts are registered it also places each container (``engines.place_release``):
+a release that does not fit fails there, having started nothing. The old
+release still runs then and counts against the room, as it does.
 A later release registers while ``active`` still names the old one, so the
 routers render nothing new until the switch: at most one reload per deploy.
 The first release of an app becomes active as it registers (nothing to
@@ -21,8 +24,8 @@ A ``Journal`` records what was done. A failure up to step 6's etcd
 transaction, or an interruption (the CLI cancels the task) up to the end of
 the drain, is undone by ``routerd.undo``. After that transaction step 6 only
 removes what nothing routes to any more, and it is not interrupted. Talks to
-etcd through ``Store`` and to containers through ``Runtime`` only; never to
-nginx.
+etcd through ``Store`` and to containers through ``Engines`` (each
+container on its own host's engine) only; never to nginx.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from typing import Any
 
 from routerd import keys
 from routerd.deploy import configvars, releases, routers
+from routerd.deploy.engines import Engines, place_release, remove_release
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Progress, Say, brief
 from routerd.deploy.releases import Lock, Release, ReleaseSpec
-from routerd.deploy.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
+from routerd.deploy.runtime import Container, ContainerSpec, run_all, wait_healthy
 from routerd.deploy.undo import Undo
 from routerd.errors import DeployError, InvalidValue, StepFailed
 from routerd.keys import APP_NAME, RELEASE_NAME
@@ -57,14 +61,14 @@ class Deployer:
     """Runs deploys and rollbacks of one app at a time under its etcd lock."""
 
     def __init__(
-        self, store: Store, runtime: Runtime, options: DeployOptions, say: Say = print
+        self, store: Store, engines: Engines, options: DeployOptions, say: Say = print
     ) -> None:
         self.store = store
-        self.runtime = runtime
+        self.engines = engines
         self.options = options
         self.say = say
         self.interruptible = True  # False while rolling back or finishing step 6
-        self.undo = Undo(store, runtime, options, say)
+        self.undo = Undo(store, engines, options, say)
 
     # -- entry points
 
@@ -143,11 +147,6 @@ class Deployer:
         reports = (
             await routers.require_routers(self.store, pool) if self.options.wait_routers else []
         )
-        if hosts := (await self.store.range(keys.HOSTS)).kvs:
-            self.say(
-                f"note: hosts/ lists {len(hosts)} host(s), but placement over hosts is not "
-                f"implemented yet; using the {self.runtime.name}"
-            )
         version, version_mod = releases.next_version(snapshot, app)
         if rollback_of is not None:
             new = replace(new, config_vars=rollback_of.config_vars, version=version)
@@ -158,6 +157,16 @@ class Deployer:
             names = tuple(sorted(config_vars))
             new = replace(new, spec=spec, config_vars=names, version=version)
             restore = None
+        placement = await place_release(
+            self.store,
+            self.engines,
+            app=app,
+            release=new.name,
+            spec=new.spec,
+            pool=pool,
+            count=new.spec.replicas,
+            say=self.say,
+        )
         return Plan(
             app=app,
             release=new,
@@ -168,6 +177,7 @@ class Deployer:
             served_by={r.router_id: r.config_sha256 for r in reports},
             version_mod=version_mod,
             restore_config=restore,
+            placement=tuple(placement),
         )
 
     def _config_vars(self, app: str, snapshot: Snapshot) -> dict[str, str]:
@@ -219,32 +229,22 @@ class Deployer:
 
     async def _start(self, plan: Plan, journal: Journal, progress: Progress) -> None:
         spec = plan.release.spec
+        hosts = sorted(set(plan.placement))
+        where = ", ".join(hosts) if self.engines.placing else f"the {self.engines.name}"
         what = (
             f"{spec.replicas} container(s) of {plan.app} {plan.release.name} "
-            f"({plan.release.label}, image {spec.image}, network {spec.network}, "
-            f"on the {self.runtime.name})"
+            f"({plan.release.label}, image {spec.image}, network {spec.network}, on {where})"
         )
         async with progress.step(1, "start", what) as notes:
-            await self._thread(journal, self.runtime.check_image, spec.image)
+            await run_all(
+                self._thread(journal, self.engines.of(h).check_image, spec.image) for h in hosts
+            )
             await run_all(self._start_one(plan, i, journal) for i in range(spec.replicas))
-            notes.append("healthy at " + ", ".join(c.address for c in journal.containers))
+            notes.append("healthy at " + ", ".join(_at(c) for c in journal.containers))
 
     async def _start_one(self, plan: Plan, index: int, journal: Journal) -> None:
-        spec = plan.release.spec
-        wanted = ContainerSpec(
-            app=plan.app,
-            release=plan.release.name,
-            index=index,
-            image=spec.image,
-            env=spec.env,
-            port=spec.port,
-            network=spec.network,
-        )
-        created = await self._thread(journal, self.runtime.create, wanted)
-        journal.containers.append(created)
-        started = await self._thread(journal, self.runtime.start, created)
-        journal.containers[journal.containers.index(created)] = started
-        await wait_healthy(self.runtime, started, spec.health_path, self.options.health_timeout)
+        wanted = container_spec(plan.app, plan.release, index, plan.host_of(index))
+        await start_container(self.engines, wanted, plan.release.spec, journal, self.options)
 
     async def _register(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> int:
         new = plan.release
@@ -341,8 +341,13 @@ class Deployer:
             if await self.store.transaction([lock.check()], ops) is None:
                 journal.committed = False  # refused, so nothing was written: roll back
                 raise DeployError(lock.lost_reason)
-            removed = await remove_release(self.runtime, plan.app, old, self.options.stop_timeout)
+            removed, unlisted = await remove_release(
+                self.engines, plan.app, old, self.options.stop_timeout
+            )
             notes.append(f"{removed} container(s) removed")
+            notes += [
+                f"not looked at on {h} ({why}); run: routerd gc" for h, why in unlisted.items()
+            ]
 
     async def _why_refused(self, plan: Plan, lock: Lock) -> str:
         snapshot = await self.store.range(keys.app(plan.app))
@@ -362,14 +367,55 @@ class Deployer:
         return await self.undo.run(plan, journal)
 
     async def _thread(self, journal: Journal, call: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking runtime call; if the deploy is interrupted, the call still
-        finishes in its thread and the rollback waits for it (no orphan)."""
-        future = asyncio.ensure_future(asyncio.to_thread(call, *args))
-        journal.threads.append(future)
-        return await asyncio.shield(future)
+        return await in_thread(journal, call, *args)
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def container_spec(app: str, release: Release, index: int, host: str) -> ContainerSpec:
+    spec = release.spec
+    return ContainerSpec(
+        app=app,
+        release=release.name,
+        index=index,
+        image=spec.image,
+        env=spec.env,
+        port=spec.port,
+        network=spec.network,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        host=host,
+    )
+
+
+async def start_container(
+    engines: Engines,
+    wanted: ContainerSpec,
+    spec: ReleaseSpec,
+    journal: Journal,
+    options: DeployOptions,
+) -> None:
+    """Create and start one container on its host's engine, then wait until it
+    answers its health path; the journal knows of it from its creation on."""
+    runtime = engines.of(wanted.host)
+    created = await in_thread(journal, runtime.create, wanted)
+    journal.containers.append(created)
+    started = await in_thread(journal, runtime.start, created)
+    journal.containers[journal.containers.index(created)] = started
+    await wait_healthy(runtime, started, spec.health_path, options.health_timeout)
+
+
+async def in_thread(journal: Journal, call: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking runtime call; if the deploy is interrupted, the call still
+    finishes in its thread and the rollback waits for it (no orphan)."""
+    future = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    journal.threads.append(future)
+    return await asyncio.shield(future)
+
+
+def _at(container: Container) -> str:
+    return f"{container.address} ({container.engine})" if container.engine else container.address
 
 
 def _served(plan: Plan, reports: list[RouterStatus]) -> list[str]:

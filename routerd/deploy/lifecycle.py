@@ -29,8 +29,17 @@ import click
 
 from routerd import keys
 from routerd.deploy import configvars, releases
-from routerd.deploy.commands import check_app, deploy_options, docker_options, drive, say
+from routerd.deploy.commands import (
+    check_app,
+    deploy_options,
+    docker_options,
+    drive,
+    open_for,
+    say,
+)
+from routerd.deploy.engines import Engines, place_release
 from routerd.deploy.releases import Release
+from routerd.deploy.runtime import Container, DockerRuntime
 from routerd.errors import ContainerError, DeployError, InvalidValue, LockHeld
 from routerd.settings import Command, Group, etcd_options, etcd_settings, flag
 from routerd.store import Check, Put, Snapshot, Store
@@ -256,38 +265,57 @@ def what_changed(before: Release | None, after: Release) -> str:
 # -------------------------------------------------------------------- ps
 
 
+def read_app(params: Mapping[str, Any], app: str) -> tuple[Snapshot, Engines]:
+    """The app's keys, and the engines of every host (or the local one)."""
+
+    async def work() -> tuple[Snapshot, Engines]:
+        async with Store(etcd_settings(params)) as store:
+            return await store.range(keys.app(app)), await open_for(store, params)
+
+    return asyncio.run(work())
+
+
+def app_containers(
+    engines: Engines, app: str, release: str | None = None
+) -> list[tuple[DockerRuntime, Container]]:
+    """The app's containers on every engine, each with its engine; an engine
+    that could not be listed is named, not fatal."""
+    containers, failed = engines.list(app, release)
+    for host, why in sorted(failed.items()):
+        say(f"warning: host {host} is left out: {why}")
+    found = []
+    for container in containers:
+        runtime = engines.of(container.engine)
+        assert isinstance(runtime, DockerRuntime)
+        found.append((runtime, container))
+    return found
+
+
 @click.command(cls=Command)
 @click.argument("app")
 @docker_options
 @etcd_options
 def ps(app: str, **params: Any) -> int:
     """Each container of an app: host, release, state, health, uptime, instance."""
-    from routerd.deploy.runtime import DockerRuntime
-
     check_app(app)
-
-    async def work() -> Snapshot:
-        async with Store(etcd_settings(params)) as store:
-            return await store.range(keys.app(app))
-
-    snapshot = asyncio.run(work())
-    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
+    snapshot, engines = read_app(params, app)
     instances = releases.registered_releases(snapshot, app)
     health = {r.name: r.spec.health_path for r in releases.history(snapshot, app)}
-    containers = runtime.list(app)
-    for container in containers:
+    found = app_containers(engines, app)
+    for runtime, container in found:
         served = instances.get(container.release, {}).get(container.short_id)
         checked = "-"
         if container.state == "running":
             why = runtime.probe(container, health.get(container.release, "/"))
             checked = "healthy" if why is None else f"unhealthy ({why})"
         print(
-            f"{container.name}\thost={runtime.name} release={container.release} "
-            f"{container.state} {checked} up={uptime(container.started)} "
+            f"{container.name}\thost={container.engine or runtime.name} "
+            f"release={container.release} {container.state} {checked} "
+            f"up={uptime(container.started)} "
             f"instance={f'{container.short_id}={served}' if served else '-'}"
         )
-    if not containers:
-        print(f"{app} has no containers on the {runtime.name}")
+    if not found:
+        print(f"{app} has no containers on {engines.name}")
     return 0
 
 
@@ -310,15 +338,14 @@ def uptime(started: str) -> str:
 @docker_options
 @etcd_options
 def logs(app: str, only_release: str | None, follow: bool, tail: int, **params: Any) -> int:
-    """What an app's containers print, every container's lines merged by time."""
+    """What an app's containers print, on every host, merged by time."""
     from routerd.deploy import applogs
-    from routerd.deploy.runtime import DockerRuntime
 
     check_app(app)
-    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
-    found = [(runtime, c) for c in runtime.list(app, only_release)]
+    _, engines = read_app(params, app)
+    found = app_containers(engines, app, only_release)
     if not found:
-        raise ContainerError(f"{app} has no containers on the {runtime.name}")
+        raise ContainerError(f"{app} has no containers on {engines.name}")
     if follow:
         try:
             applogs.follow(found, tail, say)
@@ -341,24 +368,14 @@ def logs(app: str, only_release: str | None, follow: bool, tail: int, **params: 
 def console(app: str, command: tuple[str, ...], **params: Any) -> int:
     """A one-off container of the active release, attached: ``-- CMD...`` (default: a shell).
 
-    With a terminal it gets a TTY; otherwise plain pipes. Its exit code is
-    routerd's. It is never registered with the routers, and is removed when
-    it exits or when routerd is interrupted."""
+    It is placed like any container of the app (when hosts are registered),
+    gets a TTY when there is a terminal and plain pipes otherwise, and its
+    exit code is routerd's. It is never registered with the routers, and is
+    removed when it exits or when routerd is interrupted."""
     from routerd.deploy.oneoff import run_console
-    from routerd.deploy.runtime import DockerRuntime
 
     check_app(app)
-
-    async def work() -> Snapshot:
-        async with Store(etcd_settings(params)) as store:
-            return await store.range(keys.app(app))
-
-    snapshot = asyncio.run(work())
-    active = releases.active_release(snapshot, app)
-    release = next((r for r in releases.history(snapshot, app) if r.name == active), None)
-    if release is None:
-        raise DeployError(f"{app} has no active release to start a console of")
-    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
+    release, runtime = asyncio.run(console_place(params, app))
     env = {**release.spec.env, "ROUTERD_APP": app, "ROUTERD_RELEASE": release.name}
 
     def stop(*_: object) -> None:
@@ -366,18 +383,44 @@ def console(app: str, command: tuple[str, ...], **params: Any) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        code = run_console(
+        return run_console(
             runtime,
             app=app,
             image=release.spec.image,
             env=env,
             command=command,
             tty=sys.stdin.isatty() and sys.stdout.isatty(),
+            cpus=release.spec.cpus,
+            memory_mb=release.spec.memory_mb,
         )
     except KeyboardInterrupt:
         print(f"\nrouterd: console of {app} interrupted; removed", file=sys.stderr)
         return 130
-    return code
+
+
+async def console_place(params: Mapping[str, Any], app: str) -> tuple[Release, DockerRuntime]:
+    """The active release, and the engine placement picks for one more container."""
+    async with Store(etcd_settings(params)) as store:
+        snapshot = await store.range(keys.app(app))
+        active = releases.active_release(snapshot, app)
+        release = next((r for r in releases.history(snapshot, app) if r.name == active), None)
+        if release is None:
+            raise DeployError(f"{app} has no active release to start a console of")
+        engines = await open_for(store, params)
+        pool = releases.pool_of(snapshot.kvs[keys.config(app)].value)
+        (host,) = await place_release(
+            store,
+            engines,
+            app=app,
+            release=f"{release.name}-console",
+            spec=release.spec,
+            pool=pool,
+            count=1,
+            say=lambda line: print(line, file=sys.stderr),
+        )
+    runtime = engines.of(host)
+    assert isinstance(runtime, DockerRuntime)
+    return release, runtime
 
 
 COMMANDS = (config, releases_command, ps, logs, console)

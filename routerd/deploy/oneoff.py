@@ -45,9 +45,16 @@ def run_console(
     env: Mapping[str, str],
     command: tuple[str, ...],
     tty: bool,
+    cpus: float | None = None,
+    memory_mb: int | None = None,
 ) -> int:
-    """Run ``command`` attached; the container's exit code."""
+    """Run ``command`` attached, with the release's limits; the container's exit code."""
     api = runtime.client.api
+    limits: dict[str, Any] = {}
+    if cpus is not None:
+        limits["nano_cpus"] = round(cpus * 1e9)
+    if memory_mb is not None:
+        limits["mem_limit"] = memory_mb * 2**20
     with engine_call(f"cannot start a console of {app} on the {runtime.name}"):
         created = api.create_container(
             image,
@@ -57,7 +64,9 @@ def run_console(
             stdin_open=True,
             labels={LABEL_CONSOLE: app},
             name=console_name(app),
-            host_config=api.create_host_config(network_mode="host", init=True, auto_remove=True),
+            host_config=api.create_host_config(
+                network_mode="host", init=True, auto_remove=True, **limits
+            ),
         )
     container = created["Id"]
     try:

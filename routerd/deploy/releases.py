@@ -1,9 +1,10 @@
 """What the deploy controller keeps in etcd beside the routing keys.
 
 - ``apps/<app>/history/<release>``: how a release was made (image, env,
-  replicas, port, network, health path), its version number (v1, v2, ...),
-  when it was created and when it first took traffic, so ``routerd
-  rollback`` can make it again. The last ``HISTORY_KEPT`` are kept.
+  replicas, port, network, health path, reservations and constraints), its
+  version number (v1, v2, ...), when it was created and when it first took
+  traffic, so ``routerd rollback`` and ``routerd scale`` can make its
+  containers again. The last ``HISTORY_KEPT`` are kept.
 - ``apps/<app>/version``: the version number the last release took, so a
   number is never given twice, even once its record is pruned or a failed
   deploy's record is removed.
@@ -32,6 +33,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routerd import keys
+from routerd.deploy.hosts import (
+    DEFAULT_CPUS,
+    DEFAULT_MEMORY_MB,
+    json_object,
+    reservation_problems,
+    tag_problems,
+)
 from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
 from routerd.keys import RELEASE_NAME, parse_release_name
 from routerd.logs import log
@@ -110,6 +118,17 @@ class ReleaseSpec:
     port: int = 5000
     network: str = "bridge"
     health_path: str = "/"
+    cpus: float | None = None  # a Docker limit per container; None: none
+    memory_mb: int | None = None
+    constraints: Mapping[str, str] = field(default_factory=dict)  # host tags to run on
+
+    @property
+    def reservation(self) -> tuple[float, int]:
+        """(CPUs, MB) each container reserves for placement: its limits, else the defaults."""
+        return (
+            DEFAULT_CPUS if self.cpus is None else self.cpus,
+            DEFAULT_MEMORY_MB if self.memory_mb is None else self.memory_mb,
+        )
 
 
 def spec_problems(spec: ReleaseSpec) -> list[str]:
@@ -140,6 +159,8 @@ def spec_problems(spec: ReleaseSpec) -> list[str]:
             f"health_path {spec.health_path!r} must start with / and hold only URL path "
             "characters (letters, digits, -._~!$&'()*+,;=:@/? and %XX)"
         )
+    found += reservation_problems(*spec.reservation)  # the defaults always pass
+    found += tag_problems("constraints", spec.constraints)
     return found
 
 
@@ -177,12 +198,7 @@ class Release:
         """Read a history record back; InvalidValue (naming ``key`` and the
         field) unless every field is one a deploy may run with."""
         key = key or f"release {name}"
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidValue(key, f"not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidValue(key, "not a JSON object")
+        data = json_object(key, raw)
         if "image" not in data:
             raise InvalidValue(key, "image is missing")
         defaults = asdict(ReleaseSpec(image=""))

@@ -36,6 +36,7 @@ from deploy_helpers import (
 )
 from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
 
+from routerd.deploy.engines import Engines
 from routerd.deploy.inventory import collect_garbage
 from routerd.deploy.runtime import DockerRuntime
 from routerd.settings import EtcdSettings, parse_endpoints
@@ -407,6 +408,25 @@ def test_rollback_refuses_a_history_record_that_fails_validation(etcd, docker, a
     assert served(router, app) == {second: 8}
 
 
+def test_scale_without_hosts_uses_the_one_engine(etcd, docker, app, live):
+    """With no hosts registered, ``routerd scale`` adds containers of the active
+    release on the local engine and takes the newest out again; the router
+    serves throughout and the history record keeps the count."""
+    router, first = live
+    up = run(etcd.endpoint, "scale", app, "3", "--drain", "0.5", "--stop-timeout", "5")
+    assert up.proc.returncode == 0, up.output
+    assert len([k for k in keys(etcd, app) if k.startswith(f"releases/{first}/")]) == 3
+    names = sorted(c.name for c in app_containers(docker, app))
+    assert names == [f"routerd-{app}-{first}-{n}" for n in range(3)]
+    assert json.loads(keys(etcd, app)[f"history/{first}"])["replicas"] == 3
+
+    down = run(etcd.endpoint, "scale", app, "1", "--drain", "0.5", "--stop-timeout", "5")
+    assert down.proc.returncode == 0, down.output
+    assert [c.name for c in app_containers(docker, app)] == [f"routerd-{app}-{first}-0"]
+    assert len([k for k in keys(etcd, app) if k.startswith(f"releases/{first}/")]) == 1
+    assert served(router, app) == {first: 8}
+
+
 # ---------------------------------------------------------------- gc
 
 
@@ -436,7 +456,8 @@ async def _gc(etcd: Any, app: str, say: Any, **options: Any) -> int:
     settings = EtcdSettings(endpoints=parse_endpoints("--etcd", etcd.endpoint), prefix=PREFIX)
     store = Store(settings)
     try:
-        return await collect_garbage(store, DockerRuntime(), app=app, say=say, **options)
+        engines = Engines.local(DockerRuntime())
+        return await collect_garbage(store, engines, app=app, say=say, **options)
     finally:
         await store.close()
 
