@@ -55,25 +55,25 @@ def run_console(
         limits["nano_cpus"] = round(cpus * 1e9)
     if memory_mb is not None:
         limits["mem_limit"] = memory_mb * 2**20
-    with engine_call(f"cannot start a console of {app} on the {runtime.name}"):
-        created = api.create_container(
-            image,
-            command=list(command or DEFAULT_COMMAND),
-            environment=dict(env),
-            tty=tty,
-            stdin_open=True,
-            labels={LABEL_CONSOLE: app},
-            name=console_name(app),
-            host_config=api.create_host_config(
-                network_mode="host", init=True, auto_remove=True, **limits
-            ),
-        )
-    container = created["Id"]
-    try:
-        return _attached(api, container, tty)
+    name = console_name(app)
+    try:  # by name: an interruption may come before the engine told the id
+        with engine_call(f"cannot start a console of {app} on the {runtime.name}"):
+            api.create_container(
+                image,
+                command=list(command or DEFAULT_COMMAND),
+                environment=dict(env),
+                tty=tty,
+                stdin_open=True,
+                labels={LABEL_CONSOLE: app},
+                name=name,
+                host_config=api.create_host_config(
+                    network_mode="host", init=True, auto_remove=True, **limits
+                ),
+            )
+        return _attached(api, name, tty)
     finally:
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            api.remove_container(container, force=True)  # gone already, unless interrupted
+            api.remove_container(name, force=True)  # gone already, unless interrupted
 
 
 def _attached(api: Any, container: str, tty: bool) -> int:

@@ -272,7 +272,11 @@ def test_an_interrupted_console_removes_its_container(etcd, docker, app, live):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
-    wait_for(lambda: consoles(docker, app), 20, message="the console container running")
+    wait_for(
+        lambda: [c for c in consoles(docker, app) if c.status == "running"],
+        20,
+        message="the console container running",
+    )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 130, proc.stdout.read() if proc.stdout else ""
     wait_for(lambda: not consoles(docker, app), 10, message="the console container removed")
