@@ -13,6 +13,7 @@ with ``from`` so the cause is never lost.
         RolledBack       a reload failed; the previous config is back
       StoreError         etcd
         Compacted        the revision to resume from is gone
+        Unavailable      no member answered in time (a write's outcome is unknown)
       ContainerError     a Docker engine
         Unhealthy        a container that will never be healthy
       DeployError        a deploy that cannot go on (it rolls back)
@@ -80,6 +81,11 @@ class StoreError(RouterdError):
 
 class Compacted(StoreError):
     """The revision to resume a watch from was compacted: take a new snapshot."""
+
+
+class Unavailable(StoreError):
+    """etcd did not answer: the member is down, has no leader, or timed out. Worth
+    another try on another member; a write that failed so may have been applied."""
 
 
 class ContainerError(RouterdError):
