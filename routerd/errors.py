@@ -7,6 +7,7 @@ with ``from`` so the cause is never lost.
       InvalidValue       a value read from etcd, naming its key
       RenderError        a template
       ValidationError    a candidate refused by crossplane or nginx -t
+      InstallError       a file beside nginx.conf that could not be written
       Held               a snapshot the shrink guard keeps from nginx
       ReloadError        nginx did not take a config
         NginxNotRunning  (sidecar) no master to signal yet
@@ -57,6 +58,11 @@ class ValidationError(RouterdError):
         super().__init__(f"{where}{message}")
         self.file = file
         self.line = line
+
+
+class InstallError(RouterdError):
+    """A file beside nginx.conf could not be written (a full disk, a read-only
+    folder); the message names the file. The files in use are untouched."""
 
 
 class Held(RouterdError):

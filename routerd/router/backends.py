@@ -123,9 +123,7 @@ class Backends:
         """
         table = self.pushed or {} if table is None else table
         lines = [f"revision {revision} full"] + [f"{a} {v}" for a, v in table.items()]
-        tmp = self.file.with_name(".backends.txt.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, self.file)
+        write_atomic(self.file, ("\n".join(lines) + "\n").encode(), sync=False)
 
     def changes(self, routing: RoutingTable, *, removals: bool = True) -> dict[str, str] | None:
         """What nginx must learn (an empty app: no instance); None: the whole table.

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from routerd import keys
-from routerd.errors import StoreError
+from routerd.errors import RouterdError, StoreError
 from routerd.logs import log
 from routerd.router.metrics import Metrics
 from routerd.router.pipeline import GOOD, Result
@@ -105,9 +105,10 @@ class Reporter:
 
     def failed(self, revision: int, exc: BaseException, served: str | None) -> None:
         """An apply raised (a full disk, a bug): the router keeps serving and says so."""
-        log(logger, "apply failed", logging.ERROR, revision=revision, error=repr(exc))
+        detail = str(exc) if isinstance(exc, RouterdError) else repr(exc)  # ours name the cause
+        log(logger, "apply failed", logging.ERROR, revision=revision, error=detail)
         logger.debug("apply failed", exc_info=exc)
-        error = Rejection(self.conf, f"apply failed: {exc!r}")
+        error = Rejection(self.conf, f"apply failed (retrying): {detail}")
         self._rejections(revision, [error])
         self._status(revision, served, None, [error])
 
