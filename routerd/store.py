@@ -273,11 +273,10 @@ class Store:
                 return await self._call(what, call(self.client))
             except Unavailable as exc:
                 if time.monotonic() + wait > deadline:
-                    raise Unavailable(
-                        f"{exc} (tried for {self.settings.retry_for:g} s, every endpoint)"
-                    ) from exc
-                fields = {"call": what, "error": str(exc), "retry_in_s": wait}
-                log(logger, "etcd unavailable; retrying", logging.WARNING, **fields)
+                    raise Unavailable(f"{exc} (retried for {self.settings.retry_for:g} s)") from exc
+                if wait == RETRY_WAITS_S[0]:  # once per call: an outage is not a log flood
+                    fields = {"call": what, "error": str(exc), "for_s": self.settings.retry_for}
+                    log(logger, "etcd unavailable; retrying", logging.WARNING, **fields)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RETRY_WAITS_S[1])
 
