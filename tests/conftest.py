@@ -8,10 +8,14 @@ cluster is healed the same way (members restarted, removed ones replaced).
 Each routerd gets its own ports and folder, and is stopped after the test;
 when a test fails its report carries the tail of routerd's log and nginx's
 error log.
+
+The property-based tests run a modest number of examples, so the suite stays
+quick; ``HYPOTHESIS_PROFILE=thorough`` runs many more.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,19 @@ from typing import Any
 import pytest
 from cluster import Cluster, TcpProxy
 from helpers import Backend, Etcd, EtcdApi, Routerd
+from hypothesis import HealthCheck, settings
 
 HANDLES = pytest.StashKey[list[Routerd]]()
+
+# Examples are slow-ish (a real nginx -t, an etcd round trip): no deadline, and
+# no complaint about slow generation or fixtures shared across examples.
+_RELAXED = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("quick", max_examples=40, **_RELAXED)
+settings.register_profile("thorough", max_examples=2000, **_RELAXED)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
