@@ -25,6 +25,7 @@ from routerd.routerstatus import Rejection, RouterStatus
 from routerd.store import Store
 
 logger = logging.getLogger("routerd.status")
+WITHDRAW_S = 2.0
 
 
 class StatusWriter:
@@ -77,10 +78,13 @@ class StatusWriter:
         self._refreshed = time.monotonic()
 
     async def withdraw(self) -> None:
-        """On a clean stop: revoke the lease so the router disappears at once."""
+        """On a clean stop: revoke the lease so the router disappears at once. Only
+        briefly: with etcd unreachable the lease expires by itself, and a stop must
+        not wait out the store's retries."""
         if self._lease is not None:
-            with contextlib.suppress(StoreError):
-                await self.store.revoke(self._lease)
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(WITHDRAW_S):
+                    await self.store.revoke(self._lease)
 
 
 class Reporter:

@@ -117,7 +117,8 @@ def test_a_follower_lost_for_good_then_every_member_stopped(cluster, cluster_rou
 def test_a_router_cut_off_from_etcd(cluster, cluster_routerd, backends, proxies):
     """A router whose way to every member is cut keeps serving its last config, drops out of
     routers/ when its lease expires, and catches up on the change it missed once the way is
-    back; the router that was never cut follows the change at once."""
+    back; the router that was never cut follows the change at once. Cut again, it still
+    stops cleanly at once on SIGTERM."""
     first, second = backends(2)
     (direct,) = start_routers(cluster, cluster_routerd, 1)
     cut = proxies(cluster.endpoints)
@@ -137,6 +138,12 @@ def test_a_router_cut_off_from_etcd(cluster, cluster_routerd, backends, proxies)
         proxy.start()
     behind.wait_applied(revision, timeout=FOLLOW_S)
     assert behind.http("shop.example.com").text.strip() == second.name
+
+    for proxy in cut:  # cut again: a stop must not wait for etcd
+        proxy.stop()
+    started = time.monotonic()
+    assert behind.stop() == 0
+    assert time.monotonic() - started < 5
 
 
 def test_slow_etcd_still_coalesces_a_burst(cluster, cluster_routerd, backends, proxies):
