@@ -21,9 +21,15 @@ from typing import Any, TypeVar
 import click
 
 from routerd import keys
-from routerd.errors import ConfigError
+from routerd.errors import ConfigError, InvalidValue
 from routerd.keys import APP_NAME
-from routerd.router.model import OPTION_PARSERS, parse_app_config
+from routerd.router.model import (
+    MAX_DOMAINS,
+    OPTION_PARSERS,
+    parse_app_config,
+    parse_domain,
+    parse_options,
+)
 from routerd.router.pipeline import lua_support
 from routerd.router.settings import PACKAGE_TEMPLATES, NginxSettings, Settings
 from routerd.settings import (
@@ -285,6 +291,28 @@ def parse_option(text: str) -> tuple[str, Any]:
         return name, raw
 
 
+def refused_as(flag_name: str, check: Callable[[], object]) -> None:
+    """Run one of the model's checks on a flag's value: its refusal is the flag's fault."""
+    try:
+        check()
+    except InvalidValue as exc:
+        raise ConfigError(flag_name, exc.message) from exc
+
+
+def checked_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The app config ``apps set`` was given, each part held to the router's rules,
+    a refusal naming its flag."""
+    domains = list(params["domain"])
+    if len(domains) > MAX_DOMAINS:
+        raise ConfigError("--domain", f"at most {MAX_DOMAINS} domains")
+    refused_as("--domain", lambda: [parse_domain("--domain", d) for d in domains])
+    if APP_NAME.fullmatch(params["pool"]) is None:
+        raise ConfigError("--pool", f"{params['pool']!r} must match {APP_NAME.pattern}")
+    options = dict(parse_option(o) for o in params["option"])
+    refused_as("--option", lambda: parse_options("--option", options))
+    return {"domains": domains, "pool": params["pool"], "options": options}
+
+
 def with_store(
     params: Mapping[str, Any], work: Callable[[Store], Coroutine[Any, Any, None]]
 ) -> int:
@@ -309,13 +337,8 @@ def with_store(
 @etcd_options
 def apps_set(app: str, **params: Any) -> int:
     """Create or replace an app's config."""
-    config = {
-        "domains": list(params["domain"]),
-        "pool": params["pool"],
-        "options": dict(parse_option(o) for o in params["option"]),
-    }
-    raw = json.dumps(config).encode()
     rel = keys.config(check_app(app))
+    raw = json.dumps(checked_config(params)).encode()
 
     async def work(store: Store) -> None:
         key = keys.absolute(store.settings.prefix, rel)

@@ -147,9 +147,12 @@ def parse_cidr(key: str, value: Any) -> str:
     # ipaddress accepts an IPv6 scope id ("fe80::1%eth0") holding almost any byte
     expect(key, "%" not in value, f"allow entry {value!r} must not carry a scope id")
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        network = str(ipaddress.ip_network(value, strict=False))
     except ValueError as exc:
         raise InvalidValue(key, f"allow entry {value!r} is not an address or CIDR") from exc
+    # nginx reads 255.255.255.255 as its "no address" value and refuses the whole config
+    expect(key, network != "255.255.255.255/32", f"allow entry {value!r}: nginx cannot allow it")
+    return network
 
 
 def _parse_timeout(key: str, name: str, value: Any) -> int:

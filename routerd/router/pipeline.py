@@ -26,6 +26,7 @@ from routerd import keys
 from routerd.errors import (
     ConfigError,
     Held,
+    InstallError,
     NginxNotRunning,
     ReloadError,
     RenderError,
@@ -381,7 +382,7 @@ class Router:
         if self.backends is not None:  # the failed generation loaded the candidate's table
             try:
                 await self.backends.restore(table.revision)
-            except (ReloadError, OSError) as failed:
+            except (ReloadError, InstallError, OSError) as failed:
                 log(logger, "backend restore failed", logging.WARNING, error=str(failed))
         self.metrics.rollbacks.inc()  # counted once the previous state is back
         log(logger, "rolled back", logging.ERROR, revision=table.revision, error=str(exc))

@@ -92,3 +92,27 @@ def test_version_and_help_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert __version__ in capsys.readouterr().out
     assert main(["run", "--help"]) == 0
     assert "ROUTERD_NGINX_CONF" in capsys.readouterr().out
+
+
+# Found by fuzzing `apps set`: a value the router refuses exited 1 naming the etcd key,
+# after connecting to etcd; it is the flag's fault, refused before etcd is asked.
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--domain", "*"], "--domain"),
+        (["--domain", "Shop.example.com"], "--domain"),
+        (["--domain", "a.example.com", "--pool", "High"], "--pool"),
+        (["--domain", "a.example.com", "--option", "websockets=yes"], "--option"),
+        (["--domain", "a.example.com", "--option", "proxy_read_timeout=0"], "--option"),
+        (["--domain", "a.example.com", "--option", "allow=10.0.0.0/8;x"], "--option"),
+        (["--domain", "a.example.com", "--option", "client_max_body_size=1mb"], "--option"),
+    ],
+)
+def test_apps_set_refuses_a_bad_value_naming_its_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """`apps set` with a value the router's rules refuse exits 2 naming the flag, without
+    reaching etcd (none listens at the endpoint given)."""
+    code = main(["apps", "set", "shop", *argv, "--etcd", "http://127.0.0.1:1"])
+    assert code == EXIT_USAGE
+    assert f"routerd: {flag}: " in capsys.readouterr().err
