@@ -280,6 +280,7 @@ class TrafficLog:
         access_log: AccessLog | None,
         reopen: Callable[[], None],
         rotate_bytes: int = ROTATE_BYTES,
+        rotate_grace: float = ROTATE_GRACE_S,
     ) -> None:
         self.path = path
         self.rotated = path.with_name(path.name + ".1")
@@ -287,6 +288,7 @@ class TrafficLog:
         self.access_log = access_log
         self.reopen = reopen
         self.rotate_bytes = rotate_bytes
+        self.rotate_grace = rotate_grace
         self.routes: dict[str, Route] = {}
         self._current: _Reader | None = None
         self._retired: list[_Reader] = []
@@ -374,7 +376,7 @@ class TrafficLog:
         os.replace(self.path, self.rotated)
         with contextlib.suppress(Exception):  # nginx not running: its next start opens anew
             self.reopen()
-        reader.retire_at = time.monotonic() + ROTATE_GRACE_S
+        reader.retire_at = time.monotonic() + self.rotate_grace
         self._retired.append(reader)
         self._current = self._open(at_end=False)
 

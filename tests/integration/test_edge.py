@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from deploy_helpers import run
 from edge_helpers import EchoBackend, Haproxy, get, json_lines, raw_request, read_lines
 from helpers import (
     active_key,
@@ -292,9 +293,9 @@ def test_access_log_lines_survive_hostile_requests(etcd, routerd, echo, fmt):
 @pytest.mark.parametrize("mode", MODES)
 def test_metrics_count_every_request_exactly(etcd, routerd, echo, mode):
     """N requests give N counted, by app, release and status class, in both
-    backend modes; /traffic answers the same per release; the default
-    server's 404s carry no app; a removed release and a removed app leave
-    /metrics; the router status says where its metrics are."""
+    backend modes; /traffic and `routerd status <app>` answer the same per
+    release; the default server's 404s carry no app; a removed release and a
+    removed app leave /metrics; the router status says where its metrics are."""
     v1, v2, other = echo(3)
     keys = app_keys("shop", ["shop.example.com"], [v1])
     keys.update(app_keys("other", ["other.example.com"], [other]))  # no shrink to zero apps
@@ -326,6 +327,8 @@ def test_metrics_count_every_request_exactly(etcd, routerd, echo, mode):
     assert traffic["releases"]["v2"]["requests"] == 7
     assert traffic["releases"]["v2"]["codes"] == {"2xx": 7}
     assert traffic["releases"]["v2"]["upstream_seconds"]["count"] == 7
+    shown = run(etcd.endpoint, "status", "shop", timeout=30).output
+    assert "test-router v2: requests=7 5xx=0 (2xx=7)" in shown, shown
 
     router.wait_applied(etcd.delete_prefix("/routerd/apps/shop/releases/v1/"))
     wait_counted(router, "shop", {("v2", "2xx"): 7})
@@ -363,20 +366,7 @@ def test_upstream_failures(etcd, routerd, echo, mode):
     wait_counted(router, "slow", {("v1", "5xx"): 1})
 
 
-# ------------------------------------------------------------ flags
-
-
-def test_edge_flags_are_checked(etcd, routerd):
-    """A bad --trusted-proxies entry, and --proxy-protocol without trusted
-    proxies, exit 2 naming the flag."""
-    for args, flag in [
-        (("--trusted-proxies", "10.0.0.0/8,not-a-net"), "--trusted-proxies"),
-        (("--proxy-protocol",), "--trusted-proxies"),
-        (("--keepalive-timeout", "0"), "--keepalive-timeout"),
-    ]:
-        router = routerd(extra_args=args, wait_ready=False)
-        assert router.proc.wait(30) == 2
-        assert flag in router.log_text()
+# ------------------------------------------------------------ gzip
 
 
 def test_gzip_only_for_clients_that_accept_it(etcd, routerd, echo):
