@@ -4,9 +4,9 @@ nginx writes a tab-separated line per request (``log_format routerd`` in
 nginx.conf.j2) with ``escape=default``: a quote, a backslash and every byte
 outside printable ASCII, the tab included, arrive as ``\\xHH``, so no field
 can hold the separator or a newline. ``split`` cuts a line into its raw
-fields (all the counting needs); ``entry`` decodes them back into the
-request's own bytes; ``json_line`` and ``heroku_line`` quote them again for
-their own grammar, so nothing a client sends can break a line: invalid
+fields (all the counting needs); ``json_line`` and ``heroku_line`` decode
+them back into the request's own bytes and quote them again for their own
+grammar, so nothing a client sends can break a line: invalid
 UTF-8 comes out as ``\\xHH`` text. Pure functions, no I/O.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from typing import Any
 
 # The log_format's fields, in order.
 FIELDS = (
@@ -58,99 +58,57 @@ def unescape(field: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One request, decoded; ``release`` and ``instance`` from routerd's table."""
+NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
+_string = json.encoder.encode_basestring_ascii
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
-    time: float
-    request_id: str
-    app: str
-    release: str
-    instance: str
-    upstream: str
-    status: int
-    bytes: int
-    request_time: float | None
-    connect_time: float | None
-    response_time: float | None
-    client: str
-    method: str
-    path: str
-    protocol: str
-    host: str
-    user_agent: str
-    scheme: str
+
+def iso_time(epoch: float) -> str:
+    """UTC with milliseconds: 2026-12-01T10:00:00.123Z."""
+    whole = int(epoch)
+    if _second[0] != whole:
+        _second[:] = [whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))]
+    millis = min(999, round((epoch - whole) * 1000))
+    return f"{_second[1]}.{millis:03d}Z"
 
 
 def _text(field: str) -> str:
     return "" if field == "-" else unescape(field)
 
 
-def _whole(field: str) -> int:
-    return int(field) if field.isdigit() else 0
+def _number(field: str) -> str:
+    """An nginx number field as JSON: the last try's value, or null."""
+    text = last(field)
+    return text if NUMBER.fullmatch(text) else "null"
 
 
-def entry(fields: list[str], *, app: str, release: str, instance: str) -> Entry:
-    """The decoded request of one split line."""
-    return Entry(
-        time=seconds(fields[0]) or 0.0,
-        request_id=_text(fields[1]),
-        app=app,
-        release=release,
-        instance=instance,
-        upstream=_text(fields[UPSTREAM]),
-        status=_whole(fields[STATUS]),
-        bytes=_whole(fields[5]),
-        request_time=seconds(fields[REQUEST_TIME]),
-        connect_time=seconds(fields[7]),
-        response_time=seconds(fields[RESPONSE_TIME]),
-        client=_text(fields[9]),
-        method=_text(fields[10]),
-        path=_text(fields[11]),
-        protocol=_text(fields[12]),
-        host=_text(fields[13]),
-        user_agent=_text(fields[14]),
-        scheme=_text(fields[15]),
-    )
+def _whole(field: str) -> str:
+    return field if field.isdigit() else "0"
 
 
-def iso_time(epoch: float) -> str:
-    """UTC with milliseconds: 2026-12-01T10:00:00.123Z."""
-    whole = int(epoch)
-    millis = min(999, round((epoch - whole) * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
-
-
-def json_line(e: Entry) -> str:
+def json_line(f: list[str], app: str, release: str, instance: str) -> str:
     """One JSON object; ASCII only, so any byte of the request stays inside its string."""
-    return json.dumps(
-        {
-            "time": iso_time(e.time),
-            "request_id": e.request_id,
-            "app": e.app,
-            "release": e.release,
-            "instance": e.instance,
-            "client": e.client,
-            "method": e.method,
-            "path": e.path,
-            "protocol": e.protocol,
-            "scheme": e.scheme,
-            "host": e.host,
-            "status": e.status,
-            "bytes": e.bytes,
-            "request_time": e.request_time,
-            "upstream": e.upstream,
-            "upstream_connect_time": e.connect_time,
-            "upstream_response_time": e.response_time,
-            "user_agent": e.user_agent,
-        }
+    return (
+        f'{{"time": "{iso_time(float(f[0]))}", "request_id": {_string(_text(f[1]))}, '
+        f'"app": {_string(app)}, "release": {_string(release)}, '
+        f'"instance": {_string(instance)}, "client": {_string(_text(f[9]))}, '
+        f'"method": {_string(_text(f[10]))}, "path": {_string(_text(f[11]))}, '
+        f'"protocol": {_string(_text(f[12]))}, "scheme": {_string(_text(f[15]))}, '
+        f'"host": {_string(_text(f[13]))}, "status": {_whole(f[STATUS])}, '
+        f'"bytes": {_whole(f[5])}, "request_time": {_number(f[REQUEST_TIME])}, '
+        f'"upstream": {_string(_text(f[UPSTREAM]))}, '
+        f'"upstream_connect_time": {_number(f[7])}, '
+        f'"upstream_response_time": {_number(f[RESPONSE_TIME])}, '
+        f'"user_agent": {_string(_text(f[14]))}}}'
     )
 
 
 def quoted(text: str) -> str:
     """A double-quoted value: backslash and quote escaped, control bytes as \\xHH."""
     body = text.replace("\\", "\\\\").replace('"', '\\"')
-    return '"' + CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", body) + '"'
+    if CONTROL.search(body):
+        body = CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", body)
+    return '"' + body + '"'
 
 
 def value(text: str) -> str:
@@ -158,21 +116,25 @@ def value(text: str) -> str:
     return text if BARE.fullmatch(text) else quoted(text)
 
 
-def _ms(seconds: float | None) -> str:
-    return "" if seconds is None else f"{round(seconds * 1000)}ms"
+def _ms(field: str) -> str:
+    try:
+        return f"{round(float(last(field)) * 1000)}ms"
+    except ValueError:
+        return ""
 
 
-def heroku_line(e: Entry) -> str:
+def heroku_line(f: list[str], app: str, release: str, instance: str) -> str:
     """Heroku's router line, with the app, the total time, the upstream and the
     user agent after Heroku's own fields."""
-    dyno = f"{e.release}.{e.instance}" if e.instance else ""
+    dyno = value(f"{release}.{instance}") if instance else ""
+    upstream = _text(f[UPSTREAM])
     return (
-        f"{iso_time(e.time)} at=info app={value(e.app)} method={value(e.method)} "
-        f"path={quoted(e.path)} host={value(e.host)} request_id={value(e.request_id)} "
-        f"fwd={quoted(e.client)} dyno={value(dyno) if dyno else ''} "
-        f"connect={_ms(e.connect_time)} service={_ms(e.response_time)} status={e.status} "
-        f"bytes={e.bytes} protocol={value(e.scheme)} total={_ms(e.request_time)} "
-        f"upstream={value(e.upstream) if e.upstream else ''} user_agent={quoted(e.user_agent)}"
+        f"{iso_time(float(f[0]))} at=info app={value(app)} method={value(_text(f[10]))} "
+        f"path={quoted(_text(f[11]))} host={value(_text(f[13]))} "
+        f"request_id={value(_text(f[1]))} fwd={quoted(_text(f[9]))} dyno={dyno} "
+        f"connect={_ms(f[7])} service={_ms(f[RESPONSE_TIME])} status={_whole(f[STATUS])} "
+        f"bytes={_whole(f[5])} protocol={value(_text(f[15]))} total={_ms(f[REQUEST_TIME])} "
+        f"upstream={value(upstream) if upstream else ''} user_agent={quoted(_text(f[14]))}"
     )
 
 

@@ -403,8 +403,7 @@ class TrafficLog:
             if access_log is not None:
                 route = routes.get(app)
                 if route is None or route.access_log:
-                    e = logline.entry(fields, app=app, release=release, instance=instance)
-                    out.append(access_log.format(e))
+                    out.append(access_log.format(fields, app, release, instance))
         if self.counts is not None:
             self.counts.count(rows, malformed)
         if access_log is not None:

@@ -60,10 +60,10 @@ def shop(active: str = "v2", **options: bool) -> App:
     return App("shop", ("shop.example.com",), Options(**options), routed, (), (v1, v2))
 
 
-def entry_of(text: str, **names: str) -> logline.Entry:
+def formatted(fmt: str, text: str, release: str = "v1", instance: str = "web.1") -> str:
     fields = logline.split(text)
     assert fields is not None
-    return logline.entry(fields, **{"app": "shop", "release": "v1", "instance": "web.1", **names})
+    return logline.FORMATS[fmt](fields, "shop", release, instance)
 
 
 # ------------------------------------------------------------- the line
@@ -102,20 +102,20 @@ def test_multi_valued_upstream_fields_take_the_last_try() -> None:
 @pytest.mark.parametrize("raw", HOSTILE)
 def test_json_lines_parse_whatever_the_request_held(raw: bytes) -> None:
     """A JSON line is ASCII, one line, and parses back to the decoded path and agent."""
-    e = entry_of(line(path=raw, agent=raw))
-    text = logline.json_line(e)
+    text = formatted("json", line(path=raw, agent=raw))
     assert "\n" not in text and text.isascii()
     data = json.loads(text)
     assert data["path"] == data["user_agent"] == raw.decode("utf-8", "backslashreplace")
     assert (data["app"], data["release"], data["instance"]) == ("shop", "v1", "web.1")
     assert data["time"] == "2025-12-01T10:00:00.123Z"
+    assert data["request_time"] == 0.005 and data["upstream_connect_time"] == 0.001
     assert (data["status"], data["bytes"], data["upstream_response_time"]) == (200, 512, 0.004)
 
 
 @pytest.mark.parametrize("raw", HOSTILE)
 def test_heroku_lines_keep_their_quoting(raw: bytes) -> None:
     """A Heroku line is one line whose quoted values close where they should."""
-    text = logline.heroku_line(entry_of(line(path=raw, agent=raw)))
+    text = formatted("heroku", line(path=raw, agent=raw))
     assert "\n" not in text and "\t" not in text
     quoted = r'"(?:[^"\\]|\\.)*"'
     pattern = (
@@ -127,10 +127,15 @@ def test_heroku_lines_keep_their_quoting(raw: bytes) -> None:
     assert re.fullmatch(pattern, text), text
 
 
+def test_json_line_without_an_upstream() -> None:
+    """No instance answered: null times, an empty upstream and instance."""
+    data = json.loads(formatted("json", line(upstream="-", response="-"), NONE, ""))
+    assert (data["upstream"], data["upstream_response_time"], data["instance"]) == ("", None, "")
+
+
 def test_heroku_line_without_an_instance() -> None:
     """A request no instance answered has an empty dyno, connect and service."""
-    e = entry_of(line(upstream="-", status="503", response="-"), release=NONE, instance="")
-    text = logline.heroku_line(e)
+    text = formatted("heroku", line(upstream="-", status="503", response="-"), NONE, "")
     assert " dyno= connect=1ms service= status=503 " in text
     assert " upstream= " in text
 

@@ -1,0 +1,284 @@
+"""Throughput at the edge: what access logs and per-app metrics cost, and
+routerd's config against a minimal hand-written nginx proxy.
+
+One etcd, one backend nginx (two ports answering a short body, the cheapest
+backend there is, so the router is what is measured) and, side by side on
+their own ports: a plain nginx with a minimal proxy config to the same two
+backends (upstream keepalive, no log), and four ``routerd run --supervise``
+routers for the same app: access log (JSON, to a file) and traffic metrics
+on or off (``--access-log off --no-traffic-metrics``), with and without the
+Lua balancer. Only the one under load is busy. ``wrk`` runs ``--seconds``
+against each in turn, in a shuffled order each round, with keep-alive and
+with a new connection per request (``Connection: close``); the table gives
+the median requests/s over ``--rounds`` and the ratios that matter. After
+the runs each "on" router's request counter is compared with the requests
+nginx answered for it (wrk's count plus those in flight when it stopped).
+
+    python bench/edge.py [--rounds 5] [--seconds 5] [--threads 2] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "bench")]
+
+from harness import Bench, free_port, http_get, wait_until  # noqa: E402
+
+HOST = "edge.example.com"
+BACKEND_CONF = """
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    server {{
+        listen 127.0.0.1:{a};
+        listen 127.0.0.1:{b};
+        location / {{ return 200 "hello from the backend\\n"; }}
+    }}
+}}
+"""
+# The least a proxy in front of these backends needs: what anyone would write by hand.
+MINIMAL_CONF = """
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp;
+    proxy_temp_path {dir}/tmp;
+    fastcgi_temp_path {dir}/tmp;
+    uwsgi_temp_path {dir}/tmp;
+    scgi_temp_path {dir}/tmp;
+    upstream app {{
+        server 127.0.0.1:{a};
+        server 127.0.0.1:{b};
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Host $host;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  io.write(string.format('\\nWRK-JSON {"requests": %d, "seconds": %.3f, "errors": %d}\\n',
+    summary.requests, summary.duration / 1e6,
+    summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout + summary.errors.status))
+end
+"""
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    metrics_port: int | None = None  # routerd only
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    rps: dict[str, list[float]] = field(default_factory=dict)
+    sent: int = 0  # requests wrk completed against it, all runs
+    errors: int = 0
+
+
+def start_nginx(folder: Path, text: str) -> subprocess.Popen[bytes]:
+    (folder / "tmp").mkdir(parents=True, exist_ok=True)
+    conf = folder / "nginx.conf"
+    conf.write_text(text.replace("{dir}", str(folder)))
+    return subprocess.Popen(
+        ["nginx", "-c", str(conf), "-p", f"{folder}/", "-e", str(folder / "error.log"),
+         "-g", "daemon off;"],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def start_routerd(bench: Bench, name: str, *extra: str) -> Target:
+    folder = bench.dir / name
+    folder.mkdir()
+    target = Target(name, free_port(), free_port())
+    log = (folder / "routerd.log").open("wb")
+    target.procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "routerd",
+                "run",
+                "--etcd",
+                f"http://127.0.0.1:{bench.etcd_port}",
+                "--nginx-conf",
+                str(folder / "nginx.conf"),
+                "--supervise",
+                "--http-listen",
+                f"127.0.0.1:{target.port}",
+                "--https-listen",
+                f"127.0.0.1:{free_port()}",
+                "--status-listen",
+                f"127.0.0.1:{free_port()}",
+                "--metrics-listen",
+                f"127.0.0.1:{target.metrics_port}",
+                "--router-id",
+                name,
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
+    )
+    return target
+
+
+def requests_counted(target: Target) -> float:
+    assert target.metrics_port is not None
+    url = f"http://127.0.0.1:{target.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    pattern = r'^routerd_http_requests_total\{app="edge",[^}]*\} (\S+)$'
+    return sum(float(m) for m in re.findall(pattern, text, re.MULTILINE))
+
+
+def wrk(target: Target, args: argparse.Namespace, script: Path, close: bool) -> float:
+    command = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.seconds:g}s",
+               "-s", str(script), "-H", f"Host: {HOST}"]  # fmt: skip
+    if close:
+        command += ["-H", "Connection: close"]
+    output = subprocess.run(
+        [*command, f"http://127.0.0.1:{target.port}/"], capture_output=True, text=True, check=True
+    ).stdout
+    figures = json.loads(output.split("WRK-JSON ", 1)[1])
+    target.sent += figures["requests"]
+    target.errors += figures["errors"]
+    return float(figures["requests"] / figures["seconds"])
+
+
+def median(target: Target, load: str) -> float:
+    return statistics.median(target.rps[load])
+
+
+def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
+    loads = ("keep-alive", "new connection")
+    print(
+        f"\nrequests/s, median of {args.rounds} runs of {args.seconds:g} s, "
+        f"wrk -t{args.threads} -c{args.connections}"
+    )
+    print(f"| config | {' | '.join(loads)} |")
+    print("|---|---|---|")
+    for name, target in targets.items():
+        runs = " | ".join(f"{median(target, load):,.0f}" for load in loads)
+        print(f"| {name} | {runs} |")
+    minimal = targets["minimal nginx"]
+    print("\n| ratio | keep-alive | new connection |")
+    print("|---|---|---|")
+    for mode in ("reload path", "Lua"):
+        on, off = targets[f"routerd {mode}, logs+metrics on"], targets[f"routerd {mode}, off"]
+        for label, a, b in (
+            (f"{mode}: on / off", on, off),
+            (f"{mode}: on / minimal nginx", on, minimal),
+            (f"{mode}: off / minimal nginx", off, minimal),
+        ):
+            ratios = " | ".join(f"{median(a, load) / median(b, load):.1%}" for load in loads)
+            print(f"| {label} | {ratios} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk -d, per run")
+    parser.add_argument("--threads", type=int, default=2, help="wrk -t")
+    parser.add_argument("--connections", type=int, default=32, help="wrk -c")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+
+    with Bench(backend_ports=0) as bench:
+        a, b = free_port(), free_port()
+        backend = start_nginx(bench.dir / "backend", BACKEND_CONF.format(a=a, b=b, dir="{dir}"))
+        bench.procs.append(backend)
+        bench.put_many(
+            {
+                "/routerd/apps/edge/config": json.dumps({"domains": [HOST]}),
+                "/routerd/apps/edge/releases/v1/web1": f"127.0.0.1:{a}",
+                "/routerd/apps/edge/releases/v1/web2": f"127.0.0.1:{b}",
+            }
+        )
+        minimal = Target("minimal nginx", free_port())
+        text = MINIMAL_CONF.format(a=a, b=b, port=minimal.port, dir="{dir}")
+        minimal.procs.append(start_nginx(bench.dir / "minimal", text))
+        targets = {minimal.name: minimal}
+        for mode, flag in (("reload path", "off"), ("Lua", "on")):
+            for logs, extra in (
+                ("logs+metrics on", ()),
+                ("off", ("--access-log", "off", "--no-traffic-metrics")),
+            ):
+                name = f"routerd {mode}, {logs}"
+                targets[name] = start_routerd(
+                    bench, name.replace(" ", "-").replace(",", "").replace("+", "-"),
+                    "--dynamic-backends", flag, *extra,
+                )  # fmt: skip
+                targets[name].name = name
+        try:
+            for target in targets.values():
+                wait_until(lambda t=target: http_get(t.port, HOST)[0] == 200, 60, target.name)  # type: ignore[misc]
+            script = bench.dir / "report.lua"
+            script.write_text(WRK_SCRIPT)
+            for target in targets.values():  # warm up: workers, upstream keepalive
+                wrk(target, argparse.Namespace(**{**vars(args), "seconds": 1}), script, False)
+                target.sent = target.errors = 0
+            time.sleep(2.5)  # the warm-up's lines are flushed and counted
+            baseline = {n: requests_counted(t) for n, t in targets.items() if n.endswith(" on")}
+            for number in range(args.rounds):
+                order = list(targets.values())
+                random.shuffle(order)
+                for target in order:
+                    for load, close in (("keep-alive", False), ("new connection", True)):
+                        target.rps.setdefault(load, []).append(wrk(target, args, script, close))
+                print(f"round {number + 1}/{args.rounds} done", file=sys.stderr)
+            time.sleep(2.5)  # nginx flushes its log buffers each second
+            report(targets, args)
+            print()
+            for name, before in baseline.items():
+                target = targets[name]
+                counted = requests_counted(target) - before
+                print(
+                    f"{name}: counted {counted:,.0f} requests, wrk completed {target.sent:,} "
+                    f"(the difference: requests in flight when wrk stopped); "
+                    f"wrk errors {target.errors}"
+                )
+        finally:
+            for target in targets.values():
+                for proc in target.procs:
+                    proc.terminate()
+                for proc in target.procs:
+                    proc.wait(20)
+
+
+if __name__ == "__main__":
+    main()
