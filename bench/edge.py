@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -104,6 +105,7 @@ class Target:
     metrics_port: int | None = None  # routerd only
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     rps: dict[str, list[float]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # CPU per request, its tree
     sent: int = 0  # requests wrk completed against it, all runs
     errors: int = 0
 
@@ -156,6 +158,39 @@ def start_routerd(bench: Bench, name: str, *extra: str) -> Target:
     return target
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (routerd, its nginx master and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        found.append(current := pending.pop())
+        pending += children.get(current, [])
+    return found
+
+
+def cpu_seconds(target: Target) -> float:
+    """User and system CPU of the target's processes so far (live ones)."""
+    total = 0
+    for proc in target.procs:
+        for pid in tree(proc.pid):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
 def requests_counted(target: Target) -> float:
     assert target.metrics_port is not None
     url = f"http://127.0.0.1:{target.metrics_port}/metrics"
@@ -170,12 +205,18 @@ def wrk(target: Target, args: argparse.Namespace, script: Path, close: bool) -> 
                "-s", str(script), "-H", f"Host: {HOST}"]  # fmt: skip
     if close:
         command += ["-H", "Connection: close"]
+    before = cpu_seconds(target)
     output = subprocess.run(
         [*command, f"http://127.0.0.1:{target.port}/"], capture_output=True, text=True, check=True
     ).stdout
+    if target.metrics_port is not None:
+        time.sleep(1.5)  # routerd reads the last second's lines: its CPU for them counts too
+    used = cpu_seconds(target) - before
     figures = json.loads(output.split("WRK-JSON ", 1)[1])
     target.sent += figures["requests"]
     target.errors += figures["errors"]
+    load = "new connection" if close else "keep-alive"
+    target.cpu_us.setdefault(load, []).append(used / max(1, figures["requests"]) * 1e6)
     return float(figures["requests"] / figures["seconds"])
 
 
@@ -194,6 +235,12 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
     for name, target in targets.items():
         runs = " | ".join(f"{median(target, load):,.0f}" for load in loads)
         print(f"| {name} | {runs} |")
+    print("\nCPU per request of the router's processes (nginx master and workers, routerd), us")
+    print(f"| config | {' | '.join(loads)} |")
+    print("|---|---|---|")
+    for name, target in targets.items():
+        cpu = " | ".join(f"{statistics.median(target.cpu_us[load]):.1f}" for load in loads)
+        print(f"| {name} | {cpu} |")
     minimal = targets["minimal nginx"]
     print("\n| ratio | keep-alive | new connection |")
     print("|---|---|---|")
@@ -219,6 +266,9 @@ def main() -> None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
 
     with Bench(backend_ports=0) as bench:
+        # Run as root, nginx's workers are nobody: they must reach their log files
+        # to reopen them when routerd rotates the traffic log.
+        bench.dir.chmod(0o755)
         a, b = free_port(), free_port()
         backend = start_nginx(bench.dir / "backend", BACKEND_CONF.format(a=a, b=b, dir="{dir}"))
         bench.procs.append(backend)

@@ -11,7 +11,9 @@ of the app, routed or not. Exact: every line is one request, counted once.
 
 The file never grows without bound: past ``ROTATE_BYTES`` it is renamed,
 nginx is told to reopen its logs (SIGUSR1 to the master), and the renamed
-file is read to its end and deleted once every worker has moved on. Labels
+file is read to its end and deleted once no nginx process holds it open
+(a worker that cannot reopen, for lack of rights on the folder, keeps
+writing it: then both are read, and a warning says why). Labels
 stay bounded by the routing table: never host, path or client, and the
 label sets of apps and releases that leave the table are dropped with it.
 """
@@ -266,7 +268,27 @@ class AccessLog:
 class _Reader:
     fd: int
     rest: bytes = b""
-    retire_at: float | None = None  # renamed away: read to the end after this time
+    retire_at: float | None = None  # renamed away: done once no nginx process holds it
+    warned: bool = False
+
+
+def held_by_nginx(fd: int) -> bool:
+    """Whether an nginx process still has the file behind ``fd`` open (from /proc).
+    A worker that could not reopen its logs keeps writing the renamed file."""
+    info = os.fstat(fd)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not Path(entry.path, "cmdline").read_bytes().startswith(b"nginx:"):
+                continue
+            for handle in os.scandir(Path(entry.path, "fd")):
+                found = os.stat(handle.path)
+                if (found.st_dev, found.st_ino) == (info.st_dev, info.st_ino):
+                    return True
+        except OSError:  # gone, or not ours to look at
+            continue
+    return False
 
 
 class TrafficLog:
@@ -281,6 +303,7 @@ class TrafficLog:
         reopen: Callable[[], None],
         rotate_bytes: int = ROTATE_BYTES,
         rotate_grace: float = ROTATE_GRACE_S,
+        still_written: Callable[[int], bool] = held_by_nginx,
     ) -> None:
         self.path = path
         self.rotated = path.with_name(path.name + ".1")
@@ -289,6 +312,7 @@ class TrafficLog:
         self.reopen = reopen
         self.rotate_bytes = rotate_bytes
         self.rotate_grace = rotate_grace
+        self.still_written = still_written
         self.routes: dict[str, Route] = {}
         self._current: _Reader | None = None
         self._retired: list[_Reader] = []
@@ -340,11 +364,26 @@ class TrafficLog:
                 busy |= self._read(reader)
         now = time.monotonic()
         for reader in [r for r in self._retired if r.retire_at is not None and r.retire_at <= now]:
+            if self.still_written(reader.fd):
+                self._warn_once(reader)
+                reader.retire_at = now + 1.0  # keep reading it; look again in a second
+                continue
             self._read(reader)
             os.close(reader.fd)
             self._retired.remove(reader)
             self.rotated.unlink(missing_ok=True)
         return busy
+
+    def _warn_once(self, reader: _Reader) -> None:
+        if not reader.warned:
+            reader.warned = True
+            log(
+                logger,
+                "nginx still writes the rotated traffic log; reading both",
+                logging.WARNING,
+                path=str(self.rotated),
+                hint="its workers could not reopen the log: can nginx's user enter the folder?",
+            )
 
     def _open(self, *, at_end: bool) -> _Reader | None:
         try:

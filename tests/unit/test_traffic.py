@@ -230,7 +230,7 @@ def test_rotation_loses_and_repeats_nothing(tmp_path: Path) -> None:
     counts = TrafficCounts()
     tail = TrafficLog(
         path, counts=counts, access_log=None, reopen=lambda: None, rotate_bytes=2000,
-        rotate_grace=0.0,
+        rotate_grace=0.0, still_written=lambda fd: False,
     )  # fmt: skip
     tail.routes = routes_of(table(shop()), lambda host: [])
     tail.start()
@@ -250,6 +250,36 @@ def test_rotation_loses_and_repeats_nothing(tmp_path: Path) -> None:
     assert counts.requests == {("shop", "v1", "2xx"): total}
     assert not tail.rotated.exists()
     assert os.path.getsize(path) < 4000
+
+
+def test_a_rotated_file_still_written_is_kept_and_read(tmp_path: Path) -> None:
+    """While an nginx worker still writes the renamed file (it could not reopen),
+    routerd keeps reading it and does not delete it; once it is let go, it is."""
+    path = tmp_path / "traffic.log"
+    nginx = FakeNginx(path)
+    held = [True]
+    counts = TrafficCounts()
+    tail = TrafficLog(
+        path, counts=counts, access_log=None, reopen=lambda: None, rotate_bytes=100,
+        rotate_grace=0.0, still_written=lambda fd: held[0],
+    )  # fmt: skip
+    tail.routes = routes_of(table(shop()), lambda host: [])
+    tail._current = tail._open(at_end=False)
+    nginx.write([line()])
+    tail.drain()
+    tail._maybe_rotate()  # renamed; this "worker" never reopens
+    for _ in range(3):
+        nginx.write([line()] * 2)
+        tail.drain()
+    assert tail.rotated.exists()
+    assert counts.requests == {("shop", "v1", "2xx"): 7}
+    held[0] = False
+    nginx.write([line()])
+    for reader in tail._retired:
+        reader.retire_at = 0.0
+    tail.drain()
+    assert not tail.rotated.exists()
+    assert counts.requests == {("shop", "v1", "2xx"): 8}
 
 
 def test_access_log_follows_the_app_option(tmp_path: Path) -> None:
