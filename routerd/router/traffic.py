@@ -269,6 +269,7 @@ class _Reader:
     fd: int
     rest: bytes = b""
     retire_at: float | None = None  # renamed away: done once no nginx process holds it
+    remove: Path | None = None  # the renamed file, deleted once done
     warned: bool = False
 
 
@@ -371,7 +372,8 @@ class TrafficLog:
             self._read(reader)
             os.close(reader.fd)
             self._retired.remove(reader)
-            self.rotated.unlink(missing_ok=True)
+            if reader.remove is not None:
+                reader.remove.unlink(missing_ok=True)
         return busy
 
     def _warn_once(self, reader: _Reader) -> None:
@@ -408,14 +410,31 @@ class TrafficLog:
         return got
 
     def _maybe_rotate(self) -> None:
-        """Past its size: rename, have nginx reopen, finish the old file later."""
+        """Past its size: rename, have nginx reopen, finish the old file later.
+        A file replaced behind routerd's back (deleted, then made anew by a
+        restarted nginx) is finished the same way and followed to the new one."""
         reader = self._current
-        if reader is None or self._retired or os.fstat(reader.fd).st_size < self.rotate_bytes:
+        if reader is None:
+            return
+        mine = os.fstat(reader.fd)
+        try:
+            on_disk = os.stat(self.path)
+            replaced = (on_disk.st_dev, on_disk.st_ino) != (mine.st_dev, mine.st_ino)
+        except FileNotFoundError:
+            replaced = False  # gone; nginx makes it anew when it starts or reopens
+        if replaced:
+            self._retire(reader, remove=None)
+            return
+        if self._retired or mine.st_size < self.rotate_bytes:
             return
         os.replace(self.path, self.rotated)
         with contextlib.suppress(Exception):  # nginx not running: its next start opens anew
             self.reopen()
+        self._retire(reader, remove=self.rotated)
+
+    def _retire(self, reader: _Reader, *, remove: Path | None) -> None:
         reader.retire_at = time.monotonic() + self.rotate_grace
+        reader.remove = remove
         self._retired.append(reader)
         self._current = self._open(at_end=False)
 

@@ -282,6 +282,29 @@ def test_a_rotated_file_still_written_is_kept_and_read(tmp_path: Path) -> None:
     assert counts.requests == {("shop", "v1", "2xx"): 8}
 
 
+def test_a_file_replaced_behind_its_back_is_followed(tmp_path: Path) -> None:
+    """Deleted and made anew (a restarted nginx): the old file is finished, the new one read."""
+    path = tmp_path / "traffic.log"
+    nginx = FakeNginx(path)
+    counts = TrafficCounts()
+    tail = TrafficLog(
+        path, counts=counts, access_log=None, reopen=lambda: None, rotate_grace=0.0,
+        still_written=lambda fd: False,
+    )  # fmt: skip
+    tail.routes = routes_of(table(shop()), lambda host: [])
+    tail._current = tail._open(at_end=False)
+    nginx.write([line()] * 2)
+    path.unlink()
+    nginx.write([line()])  # the old worker's last line, into the deleted file
+    nginx.reopen()  # the new master creates the file again
+    nginx.write([line()] * 4)
+    for _ in range(3):
+        tail.drain()
+        tail._maybe_rotate()
+    assert counts.requests == {("shop", "v1", "2xx"): 7}
+    assert tail._retired == []
+
+
 def test_access_log_follows_the_app_option(tmp_path: Path) -> None:
     """Lines of an app with access_log false are counted but not written."""
     out = tmp_path / "access.log"
