@@ -37,12 +37,16 @@ def split(line: str) -> list[str] | None:
 
 def last(value: str) -> str:
     """The last try of a multi-valued upstream field ("a, b : c"): the one that answered."""
+    if " " not in value:  # one try: the common case, and the hot path
+        return value
     return value.rpartition(", ")[2].rpartition(" : ")[2]
 
 
 def seconds(value: str) -> float | None:
     """An nginx time field ("0.012", "-", or one value per try): the last try's."""
     text = last(value)
+    if text == "-":
+        return None
     try:
         return float(text)
     except ValueError:
@@ -73,7 +77,9 @@ def iso_time(epoch: float) -> str:
 
 
 def _text(field: str) -> str:
-    return "" if field == "-" else unescape(field)
+    if "\\x" in field:
+        return unescape(field)
+    return "" if field == "-" else field
 
 
 def _number(field: str) -> str:

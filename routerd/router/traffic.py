@@ -43,6 +43,7 @@ from routerd.traffic import AppTraffic, ReleaseTraffic
 
 logger = logging.getLogger("routerd.traffic")
 NONE = "-"  # the app or release label of a request that had none
+NOBODY = (NONE, "")  # (release, instance) of a request no known instance answered
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROTATE_BYTES = 64 * 2**20  # nginx's file, renamed and deleted past this size
 ACCESS_LOG_BYTES = 256 * 2**20  # routerd's access log: renamed to <path>.1 past this size
@@ -98,9 +99,11 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     total: float = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
-        self.total += value
+    def observe_all(self, values: list[float]) -> None:
+        counts, place = self.counts, bisect.bisect_left
+        for value in values:
+            counts[place(BUCKETS, value)] += 1
+        self.total += sum(values)
 
     def cumulative(self) -> list[tuple[float, int]]:
         running, out = 0, []
@@ -121,20 +124,22 @@ class TrafficCounts:
         self.upstream: dict[tuple[str, str], Histogram] = {}
         self.malformed = 0
 
-    def count(
-        self, rows: list[tuple[str, str, str, float | None, float | None]], malformed: int = 0
+    def add(
+        self,
+        requests: dict[tuple[str, str, str], int],
+        durations: dict[str, list[float]],
+        upstreams: dict[tuple[str, str], list[float]],
+        malformed: int = 0,
     ) -> None:
-        """(app, release, status, request seconds, upstream seconds) per request."""
+        """One batch: request counts by (app, release, class), and the times seen."""
         with self._lock:
             self.malformed += malformed
-            requests = self.requests
-            for app, release, status, total, upstream in rows:
-                key = (app, release, f"{status[:1]}xx")
-                requests[key] = requests.get(key, 0) + 1
-                if total is not None:
-                    self._histogram(self.duration, app).observe(total)
-                if upstream is not None and release != NONE:
-                    self._histogram(self.upstream, (app, release)).observe(upstream)
+            for key, count in requests.items():
+                self.requests[key] = self.requests.get(key, 0) + count
+            for app, values in durations.items():
+                self._histogram(self.duration, app).observe_all(values)
+            for pair, values in upstreams.items():
+                self._histogram(self.upstream, pair).observe_all(values)
 
     @staticmethod
     def _histogram(table: dict[K, Histogram], key: K) -> Histogram:
@@ -439,39 +444,33 @@ class TrafficLog:
         self._current = self._open(at_end=False)
 
     def handle(self, lines: list[str]) -> None:
-        """Count and log one batch of complete lines."""
-        routes, rows, out = self.routes, [], []
-        access_log = self.access_log
-        malformed = 0
+        """Count and log one batch of complete lines (the hot path: kept flat)."""
+        routes, access_log = self.routes, self.access_log
+        fmt = access_log.format if access_log is not None else None
+        requests: dict[tuple[str, str, str], int] = {}
+        durations: dict[str, list[float]] = {}
+        upstreams: dict[tuple[str, str], list[float]] = {}
+        out, malformed = [], 0
         for line in lines:
-            fields = logline.split(line)
-            if fields is None:
+            f = line.split("\t")
+            if len(f) != len(logline.FIELDS):
                 malformed += 1
                 continue
-            app, release, instance = self._name(routes, fields)
-            rows.append(
-                (
-                    app,
-                    release,
-                    fields[logline.STATUS],
-                    logline.seconds(fields[logline.REQUEST_TIME]),
-                    logline.seconds(fields[logline.RESPONSE_TIME]),
-                )
-            )
-            if access_log is not None:
-                route = routes.get(app)
-                if route is None or route.access_log:
-                    out.append(access_log.format(fields, app, release, instance))
+            route = routes.get(f[logline.APP])
+            if route is None:
+                app, release, instance = NONE, NONE, ""
+            else:
+                app = f[logline.APP]
+                release, instance = route.instances.get(logline.last(f[logline.UPSTREAM]), NOBODY)
+            key = (app, release, f[logline.STATUS][:1] + "xx")
+            requests[key] = requests.get(key, 0) + 1
+            if (total := logline.seconds(f[logline.REQUEST_TIME])) is not None:
+                durations.setdefault(app, []).append(total)
+            if release != NONE and (took := logline.seconds(f[logline.RESPONSE_TIME])) is not None:
+                upstreams.setdefault((app, release), []).append(took)
+            if fmt is not None and (route is None or route.access_log):
+                out.append(fmt(f, app, release, instance))
         if self.counts is not None:
-            self.counts.count(rows, malformed)
+            self.counts.add(requests, durations, upstreams, malformed)
         if access_log is not None:
             access_log.write(out)
-
-    @staticmethod
-    def _name(routes: dict[str, Route], fields: list[str]) -> tuple[str, str, str]:
-        """(app, release, instance) of a line; NONE where there is none."""
-        route = routes.get(fields[logline.APP])
-        if route is None:
-            return NONE, NONE, ""
-        release, instance = route.instances.get(logline.last(fields[logline.UPSTREAM]), (NONE, ""))
-        return fields[logline.APP], release, instance
