@@ -4,15 +4,18 @@ routerd's config against a minimal hand-written nginx proxy.
 One etcd, one backend nginx (two ports answering a short body, the cheapest
 backend there is, so the router is what is measured) and, side by side on
 their own ports: a plain nginx with a minimal proxy config to the same two
-backends (upstream keepalive, no log), and four ``routerd run --supervise``
-routers for the same app: access log (JSON, to a file) and traffic metrics
-on or off (``--access-log off --no-traffic-metrics``), with and without the
-Lua balancer. Only the one under load is busy. ``wrk`` runs ``--seconds``
-against each in turn, in a shuffled order each round, with keep-alive and
-with a new connection per request (``Connection: close``); the table gives
-the median requests/s over ``--rounds`` and the ratios that matter. After
-the runs each "on" router's request counter is compared with the requests
-nginx answered for it (wrk's count plus those in flight when it stopped).
+backends (upstream keepalive, no log), and six ``routerd run --supervise``
+routers for the same app, with and without the Lua balancer: access log
+(JSON, to a file) and traffic metrics on, metrics only (``--access-log
+off``), or both off (``--access-log off --no-traffic-metrics``). Only the
+one under load is busy. ``wrk`` runs ``--seconds`` against each in turn, in
+a shuffled order each round, with keep-alive and with a new connection per
+request (``Connection: close``). The tables give the median requests/s over
+``--rounds``, the CPU each router's processes (nginx and routerd) spent per
+request, which holds up better than throughput when other work shares the
+machine, and the ratios that matter. After the runs each counting router's
+request counter is compared with the requests wrk completed against it (the
+few more it counts were in flight when wrk stopped).
 
     python bench/edge.py [--rounds 5] [--seconds 5] [--threads 2] [--connections 32]
 """
@@ -246,8 +249,10 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
     print("|---|---|---|")
     for mode in ("reload path", "Lua"):
         on, off = targets[f"routerd {mode}, logs+metrics on"], targets[f"routerd {mode}, off"]
+        only = targets[f"routerd {mode}, metrics only"]
         for label, a, b in (
             (f"{mode}: on / off", on, off),
+            (f"{mode}: metrics only / off", only, off),
             (f"{mode}: on / minimal nginx", on, minimal),
             (f"{mode}: off / minimal nginx", off, minimal),
         ):
@@ -283,16 +288,16 @@ def main() -> None:
         text = MINIMAL_CONF.format(a=a, b=b, port=minimal.port, dir="{dir}")
         minimal.procs.append(start_nginx(bench.dir / "minimal", text))
         targets = {minimal.name: minimal}
+        variants = (
+            ("logs+metrics on", ()),
+            ("metrics only", ("--access-log", "off")),
+            ("off", ("--access-log", "off", "--no-traffic-metrics")),
+        )
         for mode, flag in (("reload path", "off"), ("Lua", "on")):
-            for logs, extra in (
-                ("logs+metrics on", ()),
-                ("off", ("--access-log", "off", "--no-traffic-metrics")),
-            ):
+            for logs, extra in variants:
                 name = f"routerd {mode}, {logs}"
-                targets[name] = start_routerd(
-                    bench, name.replace(" ", "-").replace(",", "").replace("+", "-"),
-                    "--dynamic-backends", flag, *extra,
-                )  # fmt: skip
+                folder = re.sub(r"[^a-z]+", "-", name.lower())
+                targets[name] = start_routerd(bench, folder, "--dynamic-backends", flag, *extra)
                 targets[name].name = name
         try:
             for target in targets.values():
@@ -303,7 +308,8 @@ def main() -> None:
                 wrk(target, argparse.Namespace(**{**vars(args), "seconds": 1}), script, False)
                 target.sent = target.errors = 0
             time.sleep(2.5)  # the warm-up's lines are flushed and counted
-            baseline = {n: requests_counted(t) for n, t in targets.items() if n.endswith(" on")}
+            counting = ("on", "only")
+            baseline = {n: requests_counted(t) for n, t in targets.items() if n.endswith(counting)}
             for number in range(args.rounds):
                 order = list(targets.values())
                 random.shuffle(order)

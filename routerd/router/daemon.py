@@ -24,6 +24,7 @@ from routerd.logs import log
 from routerd.router.debounce import Debouncer
 from routerd.router.follow import Follower, Mirror
 from routerd.router.metrics import HealthServer, Metrics
+from routerd.router.model import RoutingTable
 from routerd.router.pipeline import GOOD, Router, lua_support
 from routerd.router.settings import Settings
 from routerd.router.status import Reporter, StatusWriter
@@ -66,7 +67,7 @@ class Daemon:
         self.debouncer = Debouncer(settings.debounce_min, settings.debounce_max)
         self._wake = asyncio.Event()
         self._templates_dirty = False
-        self._traffic_table: object = None  # the table the traffic log names releases by
+        self._traffic_table: RoutingTable | None = None  # what the traffic log names releases by
 
     def _traffic_log(self) -> TrafficLog | None:
         path, settings = self.settings.nginx.traffic_log, self.settings
@@ -83,8 +84,7 @@ class Daemon:
         )
 
     def traffic_json(self, app: str) -> bytes:
-        if self.counts is None:
-            return b'{"error": "traffic metrics are off (--no-traffic-metrics)"}'
+        assert self.counts is not None  # served only with traffic metrics on
         return self.counts.report(app).to_json()
 
     def changed(self) -> None:
@@ -108,7 +108,10 @@ class Daemon:
 
     async def run(self) -> None:
         server = HealthServer(
-            self.metrics, healthy=self.healthy, ready=self.is_ready, traffic=self.traffic_json
+            self.metrics,
+            healthy=self.healthy,
+            ready=self.is_ready,
+            traffic=self.traffic_json if self.counts is not None else None,
         )
         await server.start(self.settings.metrics_listen)
         if self.traffic is not None:
