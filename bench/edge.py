@@ -109,6 +109,7 @@ class Target:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     rps: dict[str, list[float]] = field(default_factory=dict)
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # CPU per request, its tree
+    own_us: dict[str, list[float]] = field(default_factory=dict)  # of which routerd itself
     sent: int = 0  # requests wrk completed against it, all runs
     errors: int = 0
 
@@ -181,17 +182,19 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(target: Target) -> float:
-    """User and system CPU of the target's processes so far (live ones)."""
-    total = 0
+def cpu_seconds(target: Target) -> tuple[float, float]:
+    """User and system CPU so far of the target's processes, and of routerd alone."""
+    total = own = 0
     for proc in target.procs:
         for pid in tree(proc.pid):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
             except OSError:
                 continue
-            total += int(fields[11]) + int(fields[12])
-    return total / TICK
+            ticks = int(fields[11]) + int(fields[12])
+            total += ticks
+            own += ticks if pid == proc.pid and target.metrics_port is not None else 0
+    return total / TICK, own / TICK
 
 
 def requests_counted(target: Target) -> float:
@@ -208,18 +211,20 @@ def wrk(target: Target, args: argparse.Namespace, script: Path, close: bool) -> 
                "-s", str(script), "-H", f"Host: {HOST}"]  # fmt: skip
     if close:
         command += ["-H", "Connection: close"]
-    before = cpu_seconds(target)
+    before, own_before = cpu_seconds(target)
     output = subprocess.run(
         [*command, f"http://127.0.0.1:{target.port}/"], capture_output=True, text=True, check=True
     ).stdout
     if target.metrics_port is not None:
         time.sleep(1.5)  # routerd reads the last second's lines: its CPU for them counts too
-    used = cpu_seconds(target) - before
+    after, own_after = cpu_seconds(target)
     figures = json.loads(output.split("WRK-JSON ", 1)[1])
     target.sent += figures["requests"]
     target.errors += figures["errors"]
     load = "new connection" if close else "keep-alive"
-    target.cpu_us.setdefault(load, []).append(used / max(1, figures["requests"]) * 1e6)
+    done = max(1, figures["requests"])
+    target.cpu_us.setdefault(load, []).append((after - before) / done * 1e6)
+    target.own_us.setdefault(load, []).append((own_after - own_before) / done * 1e6)
     return float(figures["requests"] / figures["seconds"])
 
 
@@ -238,11 +243,15 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
     for name, target in targets.items():
         runs = " | ".join(f"{median(target, load):,.0f}" for load in loads)
         print(f"| {name} | {runs} |")
-    print("\nCPU per request of the router's processes (nginx master and workers, routerd), us")
+    print("\nCPU per request, us: the router's processes (nginx and routerd) / routerd alone")
     print(f"| config | {' | '.join(loads)} |")
     print("|---|---|---|")
     for name, target in targets.items():
-        cpu = " | ".join(f"{statistics.median(target.cpu_us[load]):.1f}" for load in loads)
+        cpu = " | ".join(
+            f"{statistics.median(target.cpu_us[load]):.1f} / "
+            f"{statistics.median(target.own_us[load]):.1f}"
+            for load in loads
+        )
         print(f"| {name} | {cpu} |")
     minimal = targets["minimal nginx"]
     print("\n| ratio | keep-alive | new connection |")
@@ -301,7 +310,7 @@ def main() -> None:
                 targets[name].name = name
         try:
             for target in targets.values():
-                wait_until(lambda t=target: http_get(t.port, HOST)[0] == 200, 60, target.name)  # type: ignore[misc]
+                wait_until(lambda t=target: http_get(t.port, HOST)[0] == 200, 60, target.name)
             script = bench.dir / "report.lua"
             script.write_text(WRK_SCRIPT)
             for target in targets.values():  # warm up: workers, upstream keepalive
