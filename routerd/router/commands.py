@@ -211,7 +211,9 @@ def access_log_of(params: Mapping[str, Any], runtime: Path) -> str:
     value = params["access_log"]
     if value in ("off", "stdout"):
         return str(value)
-    path = Path(value).resolve() if value else runtime / "access.log"
+    if not value:
+        return str(runtime / "access.log")  # the runtime folder is made at start
+    path = Path(value).resolve()
     if not path.parent.is_dir():
         raise ConfigError("--access-log", f"folder {path.parent} does not exist")
     return str(path)
