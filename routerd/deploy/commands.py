@@ -23,7 +23,7 @@ from routerd.deploy.engines import Engines, connect
 from routerd.deploy.host_commands import hosts, pairs
 from routerd.deploy.hosts import MAX_CPUS, MAX_MEMORY_MB, MIN_CPUS, MIN_MEMORY_MB
 from routerd.deploy.releases import ENV_NAME, MAX_REPLICAS, ReleaseSpec, pool_of, spec_problems
-from routerd.deploy.routers import router_statuses
+from routerd.deploy.routers import live_routers, router_statuses, traffic_of
 from routerd.errors import ConfigError, ContainerError
 from routerd.keys import APP_NAME, RELEASE_NAME
 from routerd.settings import Command, etcd_options, etcd_settings, flag
@@ -358,6 +358,24 @@ async def print_deploy_state(store: Store, app: str, params: Mapping[str, Any]) 
     print(f"  routers of pool {pool} ({len(state.routers)}):")
     for line in state.routers:
         print(f"    {line}")
+    await print_traffic(store, app, pool)
+
+
+async def print_traffic(store: Store, app: str, pool: str) -> None:
+    """Each router's requests and 5xx per release of ``app``, since it started."""
+    print("  traffic (counted by each router since it started):")
+    for router_id, traffic in await traffic_of(await live_routers(store, pool), app):
+        if isinstance(traffic, str):
+            print(f"    {router_id}: unknown ({traffic})")
+            continue
+        if not traffic.releases:
+            print(f"    {router_id}: no requests")
+        for release, figures in sorted(traffic.releases.items()):
+            codes = " ".join(f"{c}={n}" for c, n in sorted(figures.codes.items()))
+            print(
+                f"    {router_id} {release}: requests={figures.requests} "
+                f"5xx={figures.errors} ({codes})"
+            )
 
 
 COMMANDS = (deploy, rollback, scale, gc, status, hosts)

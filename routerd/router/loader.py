@@ -95,9 +95,9 @@ class Loader:
         built = self._claim_domains(configs, errors)
         table = []
         for name, (config, _) in sorted(built.items()):
-            instances = self._routed_instances(apps[name], errors)
+            instances, registered = self._routed_instances(apps[name], errors)
             tls = tuple(cert_by_domain[d] for d in config.domains if d in cert_by_domain)
-            table.append(App(name, config.domains, config.options, instances, tls))
+            table.append(App(name, config.domains, config.options, instances, tls, registered))
         return RoutingTable(snapshot.revision, tuple(table), tuple(errors))
 
     def update(
@@ -119,13 +119,12 @@ class Loader:
             elif key.kind in ROUTING_KINDS or _misshapen(key) or key.app is None:
                 return None  # configs, certs, anything unsure: a full load decides
         errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
-        apps = [
-            replace(app, instances=self._routed_instances(self._groups[app.name], errors))
-            if app.name in dirty
-            else app
-            for app in previous.apps
-        ]
+        apps = [self._reroute(app, errors) if app.name in dirty else app for app in previous.apps]
         return RoutingTable(snapshot.revision, tuple(apps), tuple(errors), frozenset(dirty))
+
+    def _reroute(self, app: App, errors: list[Rejection]) -> App:
+        instances, registered = self._routed_instances(self._groups[app.name], errors)
+        return replace(app, instances=instances, registered=registered)
 
     def _routing_key_of(self, key: str) -> str | None:
         """The app whose active or instance key this is, else None."""
@@ -268,7 +267,10 @@ class Loader:
                 result[name] = (AppConfig(tuple(kept), config.pool, config.options), created)
         return result
 
-    def _routed_instances(self, group: _AppKeys, errors: list[Rejection]) -> tuple[Instance, ...]:
+    def _routed_instances(
+        self, group: _AppKeys, errors: list[Rejection]
+    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
+        """The instances routed to, and every valid one of any release."""
         active = None
         if group.active is not None:
             key, kv = group.active
@@ -277,17 +279,21 @@ class Loader:
             )
             # Never valid: as if absent, which is what was served before it came.
         found: list[Instance] = []
+        registered: list[Instance] = []
         # Every instance is checked, routed or not, so a deploy sees a bad one
         # of its new release before it switches to it.
         for key, release, name, kv in group.instances:
             instance = self._parse_or_last(
                 key, kv, functools.partial(_instance, key, release, name, kv), errors
             )
-            if instance is None or (active is not None and release != active):
+            if instance is None:
+                continue
+            registered.append(instance)
+            if active is not None and release != active:
                 continue
             if self._resolves(key, instance, errors):
                 found.append(instance)
-        return tuple(sorted(found, key=lambda i: (i.release, i.name)))
+        return tuple(sorted(found, key=_by_name)), tuple(sorted(registered, key=_by_name))
 
     def _resolves(self, key: str, instance: Instance, errors: list[Rejection]) -> bool:
         """A DNS name nginx cannot resolve makes it refuse the whole config:
@@ -301,6 +307,10 @@ class Loader:
         if not ok:
             errors.append(Rejection(key, f"host {instance.host!r} does not resolve"))
         return ok
+
+
+def _by_name(instance: Instance) -> tuple[str, str]:
+    return instance.release, instance.name
 
 
 def _instance(key: str, release: str, name: str, kv: KeyValue) -> Instance:

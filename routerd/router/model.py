@@ -47,6 +47,8 @@ class Options:
     https_redirect: bool = False
     hsts: bool = False
     maintenance: bool = False
+    access_log: bool = True
+    gzip: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class App:
     options: Options
     instances: tuple[Instance, ...]
     tls: tuple[Cert, ...] = ()
+    # Every valid instance of every release, routed or not: a request still in
+    # flight to a release that was switched away from is counted for it.
+    registered: tuple[Instance, ...] = ()
 
     @functools.cached_property
     def addresses(self) -> str:
@@ -188,6 +193,8 @@ OPTION_PARSERS: dict[str, Callable[[str, str, Any], Any]] = {
     "https_redirect": _parse_bool,
     "hsts": _parse_bool,
     "maintenance": _parse_bool,
+    "access_log": _parse_bool,
+    "gzip": _parse_bool,
 }
 
 

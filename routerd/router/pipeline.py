@@ -101,6 +101,8 @@ def layout_of(settings: Settings, lua: Lua | None = None) -> Layout:
         runtime_dir=str(nginx.runtime_dir),
         pid_file=str(nginx.pid_path),
         lua=lua,
+        edge=nginx.edge,
+        traffic_log=None if nginx.traffic_log is None else str(nginx.traffic_log),
     )
 
 

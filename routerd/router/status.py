@@ -90,11 +90,14 @@ class StatusWriter:
 class Reporter:
     """Metrics, rejection log lines and the status key, from each apply's outcome."""
 
-    def __init__(self, metrics: Metrics, writer: StatusWriter, *, pool: str, conf: str) -> None:
+    def __init__(
+        self, metrics: Metrics, writer: StatusWriter, *, pool: str, conf: str, advertise: str
+    ) -> None:
         self.metrics = metrics
         self.writer = writer
         self.pool = pool
         self.conf = conf
+        self.advertise = advertise
         self._seen: set[Rejection] = set()
 
     def applied(self, revision: int, result: Result, served: str | None) -> None:
@@ -126,6 +129,7 @@ class Reporter:
                 pool=self.pool,
                 apps=apps,
                 errors=tuple(errors),
+                metrics=self.advertise,
             )
         )
 
