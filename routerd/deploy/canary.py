@@ -13,9 +13,12 @@ did over the step is the difference, summed over the routers:
 
 The rule: the new release fails the step when it answered 5xx to more than
 ``max_error_rate`` percent of its requests, or its p99 exceeded
-``max_p99_ms`` (when given); with fewer than ``min_requests`` requests over
-the step it is not judged at all, and the deploy goes on. The old release's
-figures are shown beside it, never judged. Pure: no etcd, network or clock.
+``max_p99_ms`` (when given). It is judged only on ``min_requests``
+requests or more: a step with fewer is watched again (WATCHES intervals in
+all), and one that never sees them fails, since nothing shows the release
+works (a broken release must not reach the next step on too little
+traffic). The old release's figures are shown beside it, never judged.
+Pure: no etcd, network or clock.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from routerd.traffic import AppTraffic, ReleaseTraffic
+
+WATCHES = 3  # intervals a step may watch to see min_requests requests
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,9 @@ def judge(new: Figures, thresholds: Thresholds) -> Verdict:
     """Whether the new release may take more traffic after this step."""
     if new.requests < thresholds.min_requests:
         return Verdict(
-            True,
-            f"not judged: {new.requests} request(s) < --min-requests {thresholds.min_requests}",
+            False,
+            f"too few requests to judge: {new.requests} < --min-requests "
+            f"{thresholds.min_requests} (lengthen --canary-interval or lower --min-requests)",
         )
     rate = new.error_rate or 0.0
     if rate > thresholds.max_error_rate:

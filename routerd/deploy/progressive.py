@@ -8,7 +8,9 @@ For each percentage of ``--canary`` (say 10, then 50):
 2. wait until every live router of the pool has processed that revision
    and reports no error about the app;
 3. read every router's figures for the app (``/traffic`` at the address
-   its status names), wait the interval, read them again;
+   its status names), wait the interval, read them again (and again after
+   another interval, up to ``canary.WATCHES`` in all, while the new release
+   has had fewer than ``--min-requests`` requests since the first reading);
 4. judge the new release on the difference (``routerd.deploy.canary``),
    printing both releases' figures; a failing verdict, a router whose
    figures cannot be read, or an abort (``routerd deploy --abort``) fails
@@ -28,7 +30,15 @@ from collections.abc import Awaitable, Callable
 from routerd import keys
 from routerd.deploy import routers
 from routerd.deploy.abort import unless_aborted
-from routerd.deploy.canary import Canary, Verdict, describe, judge, release_figures
+from routerd.deploy.canary import (
+    WATCHES,
+    Canary,
+    Figures,
+    Verdict,
+    describe,
+    judge,
+    release_figures,
+)
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Progress
 from routerd.deploy.releases import Lock, describe_weights
@@ -55,6 +65,8 @@ async def read_traffic(reports: list[RouterStatus], app: str) -> dict[str, AppTr
 
 
 class CanarySteps:
+    """The canary steps of one deploy, reported as step 5's ``canary`` lines."""
+
     def __init__(
         self,
         store: Store,
@@ -64,10 +76,10 @@ class CanarySteps:
         why_refused: Callable[[Plan, Lock], Awaitable[str]],
     ) -> None:
         self.store = store
-        self.why_refused = why_refused  # the controller's reading of a refused transaction
         self.options = options
         self.canary = canary
         self.progress = progress
+        self.why_refused = why_refused  # the controller's reading of a refused transaction
 
     def line(self, text: str) -> None:
         self.progress.line(5, "canary", text)
@@ -88,14 +100,29 @@ class CanarySteps:
             f"{percent} %: weights {shares} served by every router at revision {revision}; "
             f"watching {interval:g} s"
         )
-        before = await read_traffic(reports, plan.app)
-        await unless_aborted(self.store, lock, asyncio.sleep(interval))
-        after = await read_traffic(reports, plan.app)
-        figures = release_figures(before, after, new)
+        figures, old_figures = await self._watch(plan, lock, reports, percent)
         verdict = judge(figures, self.canary.thresholds)
-        old_figures = release_figures(before, after, old)
         self.line(f"{percent} %: new {describe(new, figures)}; old {describe(old, old_figures)}")
         self._conclude(percent, verdict)
+
+    async def _watch(
+        self, plan: Plan, lock: Lock, reports: list[RouterStatus], percent: int
+    ) -> tuple[Figures, Figures]:
+        """The new and the old release's figures since the step's first reading,
+        after one interval, or more while the new one has too few requests."""
+        wanted, interval = self.canary.thresholds.min_requests, self.canary.interval
+        before = await read_traffic(reports, plan.app)
+        for watch in range(1, WATCHES + 1):
+            await unless_aborted(self.store, lock, asyncio.sleep(interval))
+            after = await read_traffic(reports, plan.app)
+            figures = release_figures(before, after, plan.release.name)
+            if figures.requests >= wanted or watch == WATCHES:
+                break
+            self.line(
+                f"{percent} %: {figures.requests} request(s) of {plan.release.name} so far, "
+                f"< --min-requests {wanted}; watching {interval:g} s more"
+            )
+        return figures, release_figures(before, after, plan.active or "")
 
     def _conclude(self, percent: int, verdict: Verdict) -> None:
         if not verdict.passed:

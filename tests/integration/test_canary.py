@@ -2,7 +2,8 @@
 a release that fails some of its requests is rolled back at its first step, having
 failed no more users than that step's share; a healthy one reaches 100 % without a
 failed request; Ctrl-C and ``routerd deploy --abort`` roll back mid-step; a router
-whose figures cannot be read stops a canary before anything starts.
+whose figures cannot be read stops a canary before anything starts; the weights a
+dead controller left keep routing, through gc and scale, until the next deploy.
 
 The steps are short (``--canary-interval 2``, ``--min-requests 20``) and the load is
 four threads sending requests on new connections (``deploy_helpers.Load``).
@@ -25,6 +26,7 @@ from deploy_helpers import (
     docker_client,
     release_of,
     remove_app_containers,
+    revoke_lease_of,
     run,
     served,
 )
@@ -122,6 +124,20 @@ def test_a_healthy_release_reaches_all_traffic_without_a_failed_request(etcd, do
     assert "weights" not in keys(etcd, app)
 
 
+def test_a_step_without_enough_requests_is_watched_again_then_rolled_back(etcd, docker, app, live):
+    """With no traffic, a step watches its interval three times for --min-requests
+    requests, saying so, then rolls back: nothing showed the new release works."""
+    router, old = live
+    done = canary(etcd, app, "--canary", "10", "--canary-interval", "1", "--min-requests", "5")
+    assert done.wait() == 1, done.output
+    new = release_of(done)
+    again = [line for line in done.lines if "< --min-requests 5; watching 1 s more" in line]
+    assert len(again) == 2, done.output
+    assert "the 10 % step failed: too few requests to judge: 0 < --min-requests 5" in done.output
+    assert f"new {new} 0 requests" in done.output
+    assert_rolled_back(etcd, docker, router, app, old)
+
+
 def test_ctrl_c_during_a_step_rolls_back(etcd, docker, app, live):
     """SIGINT while a step is watched rolls the canary back (exit 130): the weights go,
     the old release takes every request again, and no request failed meanwhile."""
@@ -184,3 +200,36 @@ def test_a_router_without_figures_stops_a_canary_before_it_starts(etcd, routerd,
     assert f"router {router.router_id}'s figures cannot be read" in done.output
     assert "[1/6]" not in done.output
     assert {c.labels["routerd.release"] for c in app_containers(docker, app)} == {release_of(first)}
+
+
+def test_weights_a_dead_canary_left_keep_routing_until_the_next_deploy(etcd, routerd, docker, app):
+    """A canary controller killed mid-step leaves its weights in force: both releases
+    keep serving by them, gc keeps the weighted release, scale adds to the active one
+    (the weights now spread over more instances), and the next plain deploy's switch
+    removes the weights and both old releases."""
+    router = routerd()
+    first = run(etcd.endpoint, "deploy", *deploy_args(app, replicas=1))
+    assert first.proc.returncode == 0, first.output
+    old = release_of(first)
+    killed = canary(etcd, app, "--canary", "50", "--canary-interval", "60")
+    killed.wait_line("[5/6] canary: 50 %: weights")
+    killed.signal(signal.SIGKILL)
+    killed.wait()
+    new = release_of(killed)
+    revoke_lease_of(etcd, f"{PREFIX}/apps/{app}/lock")
+    assert set(served(router, app, 20)) == {old, new}
+
+    collected = run(etcd.endpoint, "gc", app)
+    assert collected.proc.returncode == 0, collected.output
+    assert "removed 0 container(s)" in collected.output
+    scaled = run(etcd.endpoint, "scale", app, "3", "--health-timeout", "10")
+    assert scaled.proc.returncode == 0, scaled.output
+    seen = served(router, app, 40)
+    assert set(seen) == {old, new} and len(app_containers(docker, app)) == 5, seen
+
+    last = run(etcd.endpoint, "deploy", *deploy_args(app))
+    assert last.proc.returncode == 0, last.output
+    latest = release_of(last)
+    assert served(router, app) == {latest: 8}
+    assert {c.labels["routerd.release"] for c in app_containers(docker, app)} == {latest}
+    assert "weights" not in keys(etcd, app)

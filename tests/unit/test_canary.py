@@ -1,10 +1,13 @@
 """The canary's judging: figures over a step from two readings of every router,
 the p99 from histogram bucket differences, and the rule with its thresholds; the
-flags that make a canary, and what gc counts as routed while weights are set."""
+flags that make a canary, what gc counts as routed while weights are set, and how
+a canary's rollback treats the weights (fakes for etcd and the engine)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from typing import Any
 
 import pytest
 
@@ -20,8 +23,14 @@ from routerd.deploy.canary import (
     step_figures,
 )
 from routerd.deploy.commands import canary_of
+from routerd.deploy.engines import Engines
 from routerd.deploy.inventory import routed
-from routerd.store import KeyValue, Snapshot
+from routerd.deploy.plan import DeployOptions, Journal, Plan
+from routerd.deploy.releases import Release, ReleaseSpec
+from routerd.deploy.runtime import Container
+from routerd.deploy.undo import Undo
+from routerd.errors import StoreError
+from routerd.store import Delete, KeyValue, Snapshot
 from routerd.traffic import AppTraffic, ReleaseTraffic
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, math.inf)
@@ -97,11 +106,13 @@ def test_quantile_past_the_last_bound_is_infinite_and_of_nothing_is_none() -> No
     assert quantile(0.99, ()) is None
 
 
-def test_too_few_requests_are_not_judged() -> None:
-    """Under --min-requests the step passes unjudged, whatever the 5xx, and says so."""
-    verdict = judge(Figures(requests=49, errors=49), Thresholds(min_requests=50))
-    assert verdict.passed
-    assert verdict.reason == "not judged: 49 request(s) < --min-requests 50"
+def test_too_few_requests_fail_the_step() -> None:
+    """Under --min-requests nothing shows the release works: the step fails, saying why
+    and what to change, however few 5xx there were."""
+    verdict = judge(Figures(requests=49, errors=0), Thresholds(min_requests=50))
+    assert not verdict.passed
+    assert verdict.reason.startswith("too few requests to judge: 49 < --min-requests 50")
+    assert judge(Figures(requests=50, errors=0), Thresholds(min_requests=50)).passed
 
 
 def test_a_5xx_rate_over_the_threshold_fails_the_step() -> None:
@@ -188,3 +199,97 @@ def test_gc_keeps_every_release_the_weights_give_a_share() -> None:
     assert routed(at(b'{"v1": 0, "v2": 100}'), "shop") == {"v1", "v2"}
     assert routed(at(b'{"v2": 90, "v3": 10}'), "shop") == {"v1", "v2", "v3"}
     assert routed(at(b'{"v2": 90}'), "shop") == {"v1", "v2", "v3"}
+
+
+# ------------------------------------------------------------- the undo
+
+OURS = b'{"r1": 90, "r2": 10}'
+PLAN = Plan(
+    app="shop",
+    release=Release("r2", ReleaseSpec(image="shop:2"), "2"),
+    pool="shared",
+    active="r1",
+    active_mod=5,
+    registered=frozenset({"r1"}),
+    served_by={},
+)
+
+
+class WeightsStore:
+    """etcd as a canary's rollback sees it: the weights key, one router that has
+    processed everything, and transactions that apply or fail as ``fail`` says."""
+
+    prefix = "/routerd/"
+
+    def __init__(self, weights: bytes | None, fail: Exception | None = None) -> None:
+        self.kvs = {"routers/r": KeyValue(b'{"revision": 999, "pool": "shared"}', 1, 1)}
+        if weights is not None:
+            self.kvs["apps/shop/weights"] = KeyValue(weights, 2, 2)
+        self.fail, self.applied = fail, list[list[Any]]()
+
+    async def transaction(self, checks: list[Any], ops: list[Any]) -> int:
+        if self.fail is not None:
+            raise self.fail
+        self.applied.append(ops)
+        return 20 + len(self.applied)
+
+    async def range(self, rel: str) -> Snapshot:
+        return Snapshot(20, {k: v for k, v in self.kvs.items() if k.startswith(rel)})
+
+
+class Runtime:
+    name = "fake engine"
+
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def list(self, app: str | None = None, release: str | None = None) -> list[Container]:
+        return [Container("b" * 64, "routerd-shop-r2-0", "shop", "r2", "127.0.0.1", 5001)]
+
+    def remove(self, container: Container, *, timeout: float) -> None:
+        self.removed.append(container.name)
+
+
+def undo_canary(store: WeightsStore) -> tuple[list[str], list[str], list[str]]:
+    """(what was left, containers removed, what was said) after undoing a canary step."""
+    runtime, said = Runtime(), list[str]()
+    options = DeployOptions(router_timeout=0.5, rollback_timeout=0.3)
+    undo = Undo(store, Engines.local(runtime), options, said.append)  # type: ignore[arg-type]
+    journal = Journal(registered=True, weights=[b'{"r1": 50, "r2": 50}', OURS])
+    return asyncio.run(undo.run(PLAN, journal)), runtime.removed, said
+
+
+def test_a_canary_rollback_removes_its_weights_before_anything_else() -> None:
+    """The weights the canary wrote are deleted first (active still names the old
+    release), then the new release is deregistered, the routers confirm, and only
+    then are its containers removed."""
+    store = WeightsStore(OURS)
+    left, removed, said = undo_canary(store)
+    assert left == []
+    assert [op.key for ops in store.applied for op in ops][:1] == ["apps/shop/weights"]
+    assert isinstance(store.applied[0][0], Delete)
+    assert store.applied[1][0].key == "apps/shop/releases/r2/"
+    assert removed == ["routerd-shop-r2-0"]
+    assert "rollback: weights removed; r1 takes every request again" in said
+
+
+def test_weights_someone_else_wrote_are_left_alone() -> None:
+    """Weights holding a value the canary never wrote are not deleted; the rest of the
+    rollback goes on."""
+    store = WeightsStore(b'{"r1": 70, "r2": 30}')
+    left, removed, said = undo_canary(store)
+    assert left == [] and removed == ["routerd-shop-r2-0"]
+    assert all(op.key != "apps/shop/weights" for ops in store.applied for op in ops)
+    assert "rollback: weights were changed by someone else; left as they are" in said
+
+
+def test_the_new_containers_keep_running_while_the_weights_may_name_them() -> None:
+    """When the weights cannot be removed (etcd down past the deadline), the new
+    release stays registered and its containers keep running, named."""
+    left, removed, _ = undo_canary(WeightsStore(OURS, fail=StoreError("etcd down")))
+    assert removed == []
+    assert left[:2] == [
+        "remove weights (etcd down)",
+        "r2 is still registered, as the weights may name it",
+    ]
+    assert "left running (routerd-shop-r2-0)" in left[2]
