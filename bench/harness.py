@@ -267,3 +267,12 @@ def timer() -> Iterator[list[float]]:
 
 def nproc() -> int:
     return os.cpu_count() or 1
+
+
+def test_fixtures() -> None:
+    """Put the tests' real-process helpers on the path, for benches that need an
+    etcd cluster, proxies, several routers or steady traffic: ``tests/cluster.py``
+    (Cluster, TcpProxy, Traffic) and ``tests/helpers.py`` (Routerd, Backend)."""
+    folder = str(ROOT / "tests")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)

@@ -14,6 +14,7 @@ import click
 
 from routerd import __version__
 from routerd.deploy.commands import COMMANDS as DEPLOY_COMMANDS
+from routerd.deploy.lifecycle import COMMANDS as LIFECYCLE_COMMANDS
 from routerd.errors import ConfigError, RenderError, RouterdError, ValidationError
 from routerd.router.commands import COMMANDS as ROUTER_COMMANDS
 from routerd.settings import Group, check_environment
@@ -30,7 +31,12 @@ examples:
   routerd run --nginx-conf /etc/nginx/nginx.conf --supervise
   routerd render --dry-run --diff --nginx-conf /etc/nginx/nginx.conf
   routerd apps set shop --domain shop.example.com --option client_max_body_size=50m
+  routerd hosts add node-1 --docker tcp://10.0.1.5:2376 --address 10.0.1.5 \\
+      --tag dataPlane=true,routerMesh=true,high=false \\
+      --tls-ca ca.pem --tls-cert cert.pem --tls-key key.pem
   routerd deploy shop --image shop:42 --replicas 2 --env DATABASE_URL=postgres://db/shop
+  routerd deploy shop --image shop:43 --replicas 2 --cpus 0.5 --memory 512 --constraint zone=b
+  routerd scale shop 4
   routerd rollback shop
   routerd status shop
 """
@@ -42,7 +48,7 @@ def routerd() -> None:
     """Router configuration sidecar for nginx: etcd in, confirmed reloads out."""
 
 
-for command in (*ROUTER_COMMANDS, *DEPLOY_COMMANDS):
+for command in (*ROUTER_COMMANDS, *DEPLOY_COMMANDS, *LIFECYCLE_COMMANDS):
     routerd.add_command(command)
 
 

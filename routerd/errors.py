@@ -7,16 +7,19 @@ with ``from`` so the cause is never lost.
       InvalidValue       a value read from etcd, naming its key
       RenderError        a template
       ValidationError    a candidate refused by crossplane or nginx -t
+      InstallError       a file beside nginx.conf that could not be written
       Held               a snapshot the shrink guard keeps from nginx
       ReloadError        nginx did not take a config
         NginxNotRunning  (sidecar) no master to signal yet
         RolledBack       a reload failed; the previous config is back
       StoreError         etcd
         Compacted        the revision to resume from is gone
+        Unavailable      no member answered in time (a write's outcome is unknown)
       ContainerError     a Docker engine
         Unhealthy        a container that will never be healthy
       DeployError        a deploy that cannot go on (it rolls back)
         LockHeld         another deploy of the same app runs
+        Unplaceable      no set of hosts can hold the containers asked for
         StepFailed       one of the six steps, by number
 """
 
@@ -58,6 +61,11 @@ class ValidationError(RouterdError):
         self.line = line
 
 
+class InstallError(RouterdError):
+    """A file beside nginx.conf could not be written (a full disk, a read-only
+    folder); the message names the file. The files in use are untouched."""
+
+
 class Held(RouterdError):
     """A snapshot that would drop all apps, or most of them, is kept from nginx."""
 
@@ -82,6 +90,11 @@ class Compacted(StoreError):
     """The revision to resume a watch from was compacted: take a new snapshot."""
 
 
+class Unavailable(StoreError):
+    """etcd did not answer: the member is down, has no leader, or timed out. Worth
+    another try on another member; a write that failed so may have been applied."""
+
+
 class ContainerError(RouterdError):
     """The container runtime failed: an image is missing, a container died or never got healthy."""
 
@@ -101,6 +114,10 @@ class LockHeld(DeployError):
         super().__init__(f"another deploy of {app} is running: the lock is {holder}")
         self.app = app
         self.holder = holder
+
+
+class Unplaceable(DeployError):
+    """The containers asked for fit on no set of hosts; the message names the shortfall."""
 
 
 class StepFailed(DeployError):

@@ -9,14 +9,15 @@ Keys are relative to the prefix (``--prefix``, default ``/routerd``); only
     apps/<app>/env                          config vars (JSON)
     apps/<app>/releases/<release>/<inst>    host:port of one instance
     apps/<app>/history/<release>            how a release was made (controller)
+    apps/<app>/version                      the last release's version number (controller)
     apps/<app>/lock                         one deploy at a time (controller)
     certs/<domain>                          a TLS pair (JSON)
     routers/<router-id>                     a router's status, on a lease
     hosts/<host>                            a Docker host, for placement
     pools/<pool>                            the host tags of a pool (JSON)
 
-The name rules live here too, since a name is part of a key: apps are DNS
-labels, releases and instances a little freer. ``parse_release_name`` is
+The name rules live here too, since a name is part of a key: apps (and
+pools) are DNS labels, releases, instances and hosts a little freer. ``parse_release_name`` is
 the one reading of ``active``, shared by the routers and the controller.
 """
 
@@ -30,6 +31,7 @@ from routerd.errors import InvalidValue
 
 APP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # also instance names
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # a Docker host's name, as in hosts/
 
 APPS, CERTS, ROUTERS, HOSTS, POOLS = "apps/", "certs/", "routers/", "hosts/", "pools/"
 ROUTING = (APPS, CERTS)  # what routers render from; the rest never reaches nginx
@@ -40,6 +42,7 @@ APP_KEY_DEPTH = {
     "weights": 3,
     "env": 3,
     "lock": 3,
+    "version": 3,
     "history": 4,
     "releases": 5,
 }
@@ -76,6 +79,10 @@ def env(name: str) -> str:
 
 def lock(name: str) -> str:
     return f"{APPS}{name}/lock"
+
+
+def version(name: str) -> str:
+    return f"{APPS}{name}/version"
 
 
 def releases(name: str) -> str:
@@ -119,9 +126,10 @@ def pool(name: str) -> str:
 @dataclass(frozen=True)
 class Key:
     """What a relative key is. ``kind`` is one of the layout's kinds
-    ("config", "active", "weights", "env", "lock", "history", "instance",
+    ("config", "active", "weights", "env", "lock", "version", "history", "instance",
     "cert", "router", "host", "pool"), "invalid" for a key under an app
-    whose path has the wrong shape, or "other" for anything else."""
+    whose path has the wrong shape for its kind (``name`` then holds that
+    kind: "releases" for apps/x/releases/r), or "other" for anything else."""
 
     kind: str
     app: str | None = None  # set (maybe "") for every key under apps/<app>/
@@ -147,7 +155,7 @@ def _parse_app_key(parts: list[str]) -> Key:
     if depth is None:
         return Key("other", app=parts[1])
     if len(parts) != depth:
-        return Key("invalid", app=parts[1])
+        return Key("invalid", app=parts[1], name=kind)
     if kind == "releases":
         return Key("instance", app=parts[1], release=parts[3], name=parts[4])
     if kind == "history":

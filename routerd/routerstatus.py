@@ -5,14 +5,16 @@ dead router's key disappears); the deploy controller and ``routerd status``
 read it back through ``RouterStatus.from_json``, the same code for both:
 
     {"revision": 1234, "config_sha256": "...", "applied_at": "2026-...Z",
-     "pool": "shared", "apps": 12, "errors": [{"key": "...", "error": "..."}]}
+     "pool": "shared", "apps": 12, "errors": [{"key": "...", "error": "..."}],
+     "metrics": "10.0.1.5:9145"}
 
 ``revision`` is the etcd revision of the latest snapshot the router
 processed and nginx now serves (it advances even when the rendering did not
 change, so a waiting controller is never left hanging); ``errors`` lists
 every key it rejected, and whole-candidate failures under the path of
 nginx.conf (a refused template, a rolled-back reload) or under the ``apps/``
-prefix itself (a held shrink).
+prefix itself (a held shrink). ``metrics`` is where its metrics server
+answers (``/metrics``, and ``/traffic?app=`` read by ``routerd.traffic``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class RouterStatus:
     errors: tuple[Rejection, ...] = ()
     applied_at: str = field(default_factory=utc_now)
     router_id: str = ""  # the key's last segment; not part of the JSON
+    metrics: str = ""  # host:port of its metrics server; empty from older routers
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -57,6 +60,7 @@ class RouterStatus:
                 "pool": self.pool,
                 "apps": self.apps,
                 "errors": [{"key": e.key, "error": e.error} for e in self.errors],
+                "metrics": self.metrics,
             }
         ).encode()
 
@@ -76,6 +80,7 @@ class RouterStatus:
                 ),
                 applied_at=str(data.get("applied_at", "")),
                 router_id=router_id,
+                metrics=str(data.get("metrics", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidValue(where, f"not a router status: {exc!r}") from exc

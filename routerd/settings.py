@@ -168,7 +168,8 @@ class EtcdSettings:
     key: Path | None = None
     user: str | None = None
     password: str | None = None
-    timeout: float = 5.0
+    timeout: float = 5.0  # one call
+    retry_for: float = 12.0  # a unary call etcd does not answer, sent again (an election)
 
     @property
     def tls(self) -> bool:

@@ -1,22 +1,44 @@
-"""Fixtures that start real processes: etcd, routerd (with its nginx), backends.
+"""Fixtures that start real processes: etcd, routerd (with its nginx), backends,
+and extra Docker engines for placement, and a three-member etcd cluster with
+TCP proxies in front of its members.
 
 etcd runs once per test module and every key is wiped before each test (a
-start costs most of a second; a wipe costs a millisecond). A test that stops
-or freezes etcd leaves it to the next test's wipe to bring it back. Each
-routerd gets its own ports and folder, and is stopped after the test; when a
-test fails its report carries the tail of routerd's log and nginx's error log.
+start costs most of a second; a wipe costs a millisecond); the extra Docker
+engines run once per session. A test that stops or freezes etcd leaves it to
+the next test's wipe to bring it back; the cluster is healed the same way
+(members restarted, removed ones replaced). Each routerd gets its own ports
+and folder, and is stopped after the test; when a test fails its report
+carries the tail of routerd's log and nginx's error log.
+
+The property-based tests run a modest number of examples, so the suite stays
+quick; ``HYPOTHESIS_PROFILE=thorough`` runs many more.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Backend, Etcd, Routerd
+from cluster import Cluster, TcpProxy
+from engines import Engine, make_engines, start_engines, stop_engines
+from helpers import Backend, Etcd, EtcdApi, Routerd
+from hypothesis import HealthCheck, settings
 
 HANDLES = pytest.StashKey[list[Routerd]]()
+FLEET = ["shared-a", "shared-b", "dedicated-a", "dedicated-b"]
+
+# Examples are slow-ish (a real nginx -t, an etcd round trip): no deadline, and
+# no complaint about slow generation or fixtures shared across examples.
+_RELAXED = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("quick", max_examples=40, **_RELAXED)
+settings.register_profile("thorough", max_examples=2000, **_RELAXED)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -38,6 +60,20 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def docker_engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Engine]]:
+    """Four extra Docker engines, one per pretend host, started once per session
+    (a start costs seconds); a test that stops one leaves it to the next to
+    restart. The last is also reached over tcp:// with TLS."""
+    root = tmp_path_factory.mktemp("engines")
+    engines = make_engines(root, FLEET, tls=FLEET[-1])
+    try:
+        start_engines(engines)
+        yield engines
+    finally:
+        stop_engines(engines, root)
+
+
 @pytest.fixture
 def etcd(etcd_server: Etcd) -> Etcd:
     """A running, thawed etcd with no keys at all."""
@@ -46,12 +82,9 @@ def etcd(etcd_server: Etcd) -> Etcd:
     return etcd_server
 
 
-@pytest.fixture
-def routerd(
-    request: pytest.FixtureRequest, etcd: Etcd, tmp_path: Path
+def _routers(
+    request: pytest.FixtureRequest, etcd: EtcdApi, tmp_path: Path
 ) -> Iterator[Callable[..., Routerd]]:
-    """Factory: ``routerd(allow_shrink=False, extra_args=(), wait_ready=True, ...)``
-    starts ``routerd run --supervise`` against the test's etcd."""
     handles: list[Routerd] = []
     request.node.stash[HANDLES] = handles
 
@@ -63,6 +96,55 @@ def routerd(
     yield start
     for handle in handles:
         handle.stop()
+
+
+@pytest.fixture
+def routerd(
+    request: pytest.FixtureRequest, etcd: Etcd, tmp_path: Path
+) -> Iterator[Callable[..., Routerd]]:
+    """Factory: ``routerd(allow_shrink=False, extra_args=(), wait_ready=True, ...)``
+    starts ``routerd run --supervise`` against the test's etcd."""
+    yield from _routers(request, etcd, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def cluster_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster(cluster_server: Cluster) -> Cluster:
+    """Three healthy etcd members with a leader, and no keys at all."""
+    cluster_server.heal()
+    cluster_server.wipe()
+    return cluster_server
+
+
+@pytest.fixture
+def cluster_routerd(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path: Path
+) -> Iterator[Callable[..., Routerd]]:
+    """Factory like ``routerd``, for routers whose ``--etcd`` lists every cluster member
+    (give each its own ``router_id``)."""
+    yield from _routers(request, cluster, tmp_path)
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[list[str]], list[TcpProxy]]]:
+    """Factory: ``proxies(endpoints)`` starts one TcpProxy per endpoint, closed after the test."""
+    started: list[TcpProxy] = []
+
+    def start(endpoints: list[str]) -> list[TcpProxy]:
+        new = [TcpProxy.to(endpoint).start() for endpoint in endpoints]
+        started.extend(new)
+        return new
+
+    yield start
+    for proxy in started:
+        proxy.close()
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ engine or a broken connection would. Does not import routerd.
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
 import io
+import itertools
 import os
 import queue
 import re
@@ -33,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from helpers import PREFIX, REPO, Etcd, in_ci
 
-IMAGE = "routerd-test-app:1"
+IMAGE = "routerd-test-app:2"
 BUSYBOX_TOOLS = ("sh", "httpd", "sleep", "echo", "mkdir", "cat", "true")
 START = """#!/bin/sh
 sleep "${DELAY:-0}"
@@ -43,7 +46,8 @@ if [ -n "$DIE" ]; then echo "dying with code $DIE"; exit "$DIE"; fi
 mkdir -p /www
 echo "${ROUTERD_APP} ${ROUTERD_RELEASE} ${MESSAGE}" > /www/index.html
 echo ok > /www/healthz
-exec httpd -f -p "$PORT" -h /www
+echo "${ROUTERD_APP} ${ROUTERD_RELEASE} listening on ${PORT}"
+exec httpd -f -v -p "$PORT" -h /www
 """
 
 
@@ -208,8 +212,64 @@ def deploy_args(
     return args + list(extra)
 
 
+def release_of(done: Deploy) -> str:
+    """The release a deploy made, from its first progress line."""
+    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
+    return line.split(" of ", 1)[1].split()[1]
+
+
+def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
+    """Which releases answered ``count`` requests for the app (body: app release message)."""
+    seen: collections.Counter[str] = collections.Counter()
+    for _ in range(count):
+        answer = router.http(f"{app}.test")
+        assert answer.status_code == 200, (answer.status_code, answer.text)
+        seen[answer.text.split()[1]] += 1
+    return seen
+
+
 def stop_signal_name(code: int) -> str:
     return signal.Signals(-code).name if code < 0 else str(code)
+
+
+# ------------------------------------------------------------ traffic
+
+
+class Load:
+    """Threads sending requests through nginx, a new connection each, counting failures."""
+
+    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
+        self.url = f"http://127.0.0.1:{router.http_port}/"
+        self.host = host
+        self.stop = threading.Event()
+        self.ok: collections.Counter[str] = collections.Counter()
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        for _ in itertools.count():
+            if self.stop.is_set():
+                return
+            try:
+                answer = requests.get(
+                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
+                )
+                if answer.status_code == 200:
+                    self.ok[answer.text.split()[1]] += 1
+                else:
+                    self.failures.append(f"HTTP {answer.status_code}")
+            except requests.RequestException as exc:
+                self.failures.append(type(exc).__name__)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(10)
 
 
 # ------------------------------------------------------------ engine faults

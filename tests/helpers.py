@@ -151,79 +151,15 @@ def _range_end(prefix: str | bytes) -> str:
     return _b64(bytes(raw))
 
 
-class Etcd:
-    """One etcd member on free ports with its data in ``workdir``."""
+class EtcdApi:
+    """The v3 JSON gateway calls the tests make; ``_call`` says where they go
+    (one member, or any live member of a cluster); ``endpoint`` is what a
+    client is given: one URL, or a comma list."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.binary = require_binary("etcd")
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "etcd.log"
-        self.client_port, self.peer_port = free_ports(2)
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.frozen = False
-        self._http = requests.Session()
-
-    def command(self) -> list[str]:
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        return [
-            self.binary, "--name", "t", "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"t={peer}",
-        ]  # fmt: skip
-
-    # -- process control
-
-    def start(self, timeout: float = 20.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        self.frozen = False
-        wait_for(self._healthy, timeout, message=f"etcd healthy at {self.endpoint}")
-
-    def _healthy(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise ProcessDied(f"etcd exited {self.proc.returncode}:\n{tail(self.log_path)}")
-        answer = requests.get(f"{self.endpoint}/health", timeout=1)
-        return answer.ok and answer.json().get("health") == "true"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        self.frozen = False
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-        self.frozen = False
-
-    def ensure_running(self) -> None:
-        if self.frozen:
-            self.thaw()
-        if not self.running:
-            self.start()
-
-    # -- the KV API
+    endpoint: str
 
     def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        answer = self._http.post(f"{self.endpoint}/v3/{path}", json=body, timeout=5)
-        if not answer.ok:
-            raise RuntimeError(f"etcd {path} {body}: HTTP {answer.status_code} {answer.text}")
-        data: dict[str, Any] = answer.json()
-        return data
+        raise NotImplementedError
 
     def put(self, key: str, value: str | bytes) -> int:
         """Put one key; returns the revision of the write."""
@@ -278,6 +214,95 @@ class Etcd:
         return revision
 
 
+class Etcd(EtcdApi):
+    """One etcd member on free ports with its data in ``workdir``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require_binary("etcd")
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "etcd.log"
+        self.client_port, self.peer_port = free_ports(2)
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+        self._http = requests.Session()
+
+    def command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary, "--name", "t", "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"t={peer}",
+        ]  # fmt: skip
+
+    # -- process control
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.launch()
+        self.wait_healthy(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (a cluster's members must start together)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.frozen = False
+
+    def wait_healthy(self, timeout: float = 20.0) -> None:
+        wait_for(self._healthy, timeout, message=f"etcd healthy at {self.endpoint}")
+
+    def _healthy(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ProcessDied(f"etcd exited {self.proc.returncode}:\n{tail(self.log_path)}")
+        answer = requests.get(f"{self.endpoint}/health", timeout=1)
+        return answer.ok and answer.json().get("health") == "true"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+        self.frozen = False
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to tell its peers or flush anything."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.frozen = False
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+
+    def ensure_running(self) -> None:
+        if self.frozen:
+            self.thaw()
+        if not self.running:
+            self.start()
+
+    # -- the KV API, through this member
+
+    def _call(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        answer = self._http.post(f"{self.endpoint}/v3/{path}", json=body, timeout=5)
+        if not answer.ok:
+            raise RuntimeError(f"etcd {path} {body}: HTTP {answer.status_code} {answer.text}")
+        data: dict[str, Any] = answer.json()
+        return data
+
+
 # ----------------------------------------------------------------- routerd
 
 
@@ -321,7 +346,8 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -336,7 +362,7 @@ def reap_nginx(conf: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(master, signal.SIGTERM)
         try:
-            wait_for(lambda m=master: not _alive(m), 5, message=f"nginx master {master} to exit")
+            wait_for(lambda m=master: not pid_alive(m), 5, message=f"nginx master {master} to exit")
         except AssertionError:
             for pid in [master, *workers]:
                 with contextlib.suppress(ProcessLookupError):
@@ -345,9 +371,14 @@ def reap_nginx(conf: Path) -> None:
 
 @dataclass
 class Routerd:
-    """One ``routerd run --supervise`` process and the nginx it runs, on its own ports."""
+    """One ``routerd run --supervise`` process and the nginx it runs, on its own ports.
 
-    etcd: Etcd
+    ``etcd_endpoint`` (default: the etcd's own) is what ``--etcd`` says, for a
+    router that reaches etcd through a proxy; ``conf_dir`` (default: the
+    workdir) holds nginx.conf and routerd's files, with nginx's runtime files
+    kept apart in the workdir, for a test that fills that folder."""
+
+    etcd: EtcdApi
     workdir: Path
     allow_shrink: bool = False
     pool: str = "shared"
@@ -356,6 +387,8 @@ class Routerd:
     resync_interval: float = 5
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    etcd_endpoint: str | None = None
+    conf_dir: Path | None = None
     # 0: a free port is picked.
     http_port: int = 0
     https_port: int = 0
@@ -366,7 +399,7 @@ class Routerd:
     def __post_init__(self) -> None:
         self.nginx_bin = require_binary("nginx")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.conf_path = self.workdir / "nginx.conf"
+        self.conf_path = (self.conf_dir or self.workdir) / "nginx.conf"
         self.log_path = self.workdir / "routerd.log"
         ports = iter(free_ports(4))
         for name in ("http_port", "https_port", "status_port", "metrics_port"):
@@ -376,7 +409,7 @@ class Routerd:
     def command(self) -> list[str]:
         args = [
             sys.executable, "-m", "routerd", "run",
-            "--etcd", self.etcd.endpoint, "--prefix", self.prefix,
+            "--etcd", self.etcd_endpoint or self.etcd.endpoint, "--prefix", self.prefix,
             "--nginx-conf", str(self.conf_path), "--supervise", "--nginx-bin", self.nginx_bin,
             "--http-listen", f"127.0.0.1:{self.http_port}",
             "--https-listen", f"127.0.0.1:{self.https_port}",
@@ -388,6 +421,8 @@ class Routerd:
         ]  # fmt: skip
         if self.allow_shrink:
             args.append("--allow-shrink")
+        if self.conf_dir is not None:
+            args += ["--runtime-dir", str(self.workdir / "runtime")]
         return args + list(self.extra_args)
 
     # -- process control

@@ -1,9 +1,12 @@
-"""The deploy controller's commands: ``deploy``, ``rollback``, ``gc``, ``status``.
+"""The deploy controller's commands: ``deploy``, ``rollback``, ``scale``,
+``gc``, ``status``, and ``hosts`` (from ``host_commands``).
 
 Flags are checked here, each failure naming its flag, before anything
-starts; a deploy runs as one task that SIGINT or SIGTERM cancels, which
-rolls it back (a second signal only says to wait). Exit codes are the
-entry point's: 130 for an interrupted deploy.
+starts; a deploy or a scale runs as one task that SIGINT or SIGTERM
+cancels, which rolls it back (a second signal only says to wait). Each
+works over the engines of every host under ``hosts/``, or without hosts
+over the one engine of ``--docker-host``. Exit codes are the entry point's:
+130 for an interrupted deploy.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from typing import Any, TypeVar
 import click
 
 from routerd import keys
-from routerd.deploy.releases import ENV_NAME, ReleaseSpec, pool_of, spec_problems
-from routerd.deploy.routers import router_statuses
+from routerd.deploy.engines import Engines, connect
+from routerd.deploy.host_commands import hosts, pairs
+from routerd.deploy.hosts import MAX_CPUS, MAX_MEMORY_MB, MIN_CPUS, MIN_MEMORY_MB
+from routerd.deploy.releases import ENV_NAME, MAX_REPLICAS, ReleaseSpec, pool_of, spec_problems
+from routerd.deploy.routers import live_routers, router_statuses, traffic_of
 from routerd.errors import ConfigError, ContainerError
 from routerd.keys import APP_NAME, RELEASE_NAME
 from routerd.settings import Command, etcd_options, etcd_settings, flag
@@ -33,9 +39,13 @@ def say(line: str) -> None:
 
 
 def docker_options(command: F) -> F:
+    """The one engine used while no host is registered under hosts/."""
     for option in reversed(
         [
-            flag("--docker-host", help="Docker engine URL (default: DOCKER_HOST or the socket)"),
+            flag(
+                "--docker-host",
+                help="Docker engine URL without hosts/ (default: DOCKER_HOST or the socket)",
+            ),
             flag(
                 "--advertise-host", default="127.0.0.1", help="address routers reach containers at"
             ),
@@ -85,10 +95,15 @@ def release_spec(params: Mapping[str, Any]) -> ReleaseSpec:
         port=params["port"],
         network=params["network"],
         health_path=params["health_path"],
+        cpus=params["cpus"],
+        memory_mb=params["memory"],
+        constraints=pairs("--constraint", params["constraint"]),
     )
     for problem in spec_problems(spec):  # the rules a release read back from etcd obeys too
         field = problem.split(" ", 1)[0]
-        raise ConfigError("--" + field.replace("_", "-"), problem)
+        raise ConfigError(
+            "--" + {"memory_mb": "memory"}.get(field, field).replace("_", "-"), problem
+        )
     return spec
 
 
@@ -105,17 +120,23 @@ def options_of(params: Mapping[str, Any]) -> Any:
     )
 
 
-def drive(params: Mapping[str, Any], work: Callable[[Any], Coroutine[Any, Any, None]]) -> int:
-    """Run a deploy; SIGINT or SIGTERM stops it and it rolls back (a second one waits)."""
+def drive(
+    params: Mapping[str, Any],
+    work: Callable[[Any], Coroutine[Any, Any, None]],
+    *,
+    scaling: bool = False,
+) -> int:
+    """Run a deploy (or a scale); SIGINT or SIGTERM stops it and it rolls back
+    (a second one waits)."""
     from routerd.deploy.controller import Deployer
-    from routerd.deploy.runtime import DockerRuntime
+    from routerd.deploy.scaling import Scaler
 
     options, settings = options_of(params), etcd_settings(params)
-    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
 
     async def main() -> int:
         async with Store(settings) as store:
-            deployer = Deployer(store, runtime, options, say=say)
+            engines = await open_for(store, params)
+            deployer = (Scaler if scaling else Deployer)(store, engines, options, say=say)
             task = asyncio.create_task(work(deployer))
             loop = asyncio.get_running_loop()
 
@@ -137,6 +158,15 @@ def drive(params: Mapping[str, Any], work: Callable[[Any], Coroutine[Any, Any, N
     return asyncio.run(main())
 
 
+async def open_for(store: Store, params: Mapping[str, Any]) -> Engines:
+    return await connect(
+        store,
+        docker_host=params["docker_host"],
+        advertise_host=params.get("advertise_host") or "127.0.0.1",
+        say=say,
+    )
+
+
 @click.command(cls=Command)
 @click.argument("app")
 @flag("--image", required=True, help="an image on the engine (never pulled)")
@@ -151,9 +181,29 @@ def drive(params: Mapping[str, Any], work: Callable[[Any], Coroutine[Any, Any, N
     help="bridge publishes $PORT on a free host port; host makes $PORT a free host port",
 )
 @flag("--health-path", default="/", help="path each container must answer with 2xx or 3xx")
+@flag(
+    "--cpus",
+    type=click.FloatRange(MIN_CPUS, MAX_CPUS),
+    help="CPU limit per container (placement reserves 0.25 without it)",
+)
+@flag(
+    "--memory",
+    type=click.IntRange(MIN_MEMORY_MB, MAX_MEMORY_MB),
+    help="memory limit per container in MB (placement reserves 256 without it)",
+)
+@flag(
+    "--constraint",
+    multiple=True,
+    metavar="K=V[,K=V]",
+    help="run only on hosts with this tag (repeatable)",
+)
 @deploy_options
 def deploy(app: str, **params: Any) -> int:
-    """Blue-green deploy of a new release: six steps, rolled back on failure."""
+    """Blue-green deploy of a new release: six steps, rolled back on failure.
+
+    Where hosts are registered (routerd hosts add), each container goes to a
+    host of the app's pool that carries every --constraint and has room for
+    --cpus and --memory beside what runs there, spreading the replicas."""
     check_app(app)
     release = params["release"]
     if release and RELEASE_NAME.fullmatch(release) is None:
@@ -164,12 +214,30 @@ def deploy(app: str, **params: Any) -> int:
 
 @click.command(cls=Command)
 @click.argument("app")
-@flag("--to", metavar="RELEASE", help="a release from the app's history")
+@click.argument("version", required=False)
+@flag("--to", metavar="RELEASE", help="a release from the app's history, by name")
 @deploy_options
-def rollback(app: str, **params: Any) -> int:
-    """Deploy the release before the active one again, by the same steps."""
+def rollback(app: str, version: str | None, **params: Any) -> int:
+    """Deploy an earlier release again (its image and config vars), by the same steps.
+
+    Without VERSION (v7, as `routerd releases` lists them) or --to, the
+    release that served before the active one."""
     check_app(app)
-    return drive(params, lambda deployer: deployer.rollback(app, to=params["to"]))
+    if version and params["to"]:
+        raise ConfigError("--to", "give a VERSION or --to, not both")
+    target = version or params["to"]
+    return drive(params, lambda deployer: deployer.rollback(app, to=target))
+
+
+@click.command(cls=Command)
+@click.argument("app")
+@click.argument("count", type=click.IntRange(1, MAX_REPLICAS))
+@deploy_options
+def scale(app: str, count: int, **params: Any) -> int:
+    """Run COUNT containers of the active release: add them where placement
+    says, or take some out (deregistered, routers confirm, drained, stopped)."""
+    check_app(app)
+    return drive(params, lambda scaler: scaler.scale(app, count), scaling=True)
 
 
 @click.command(cls=Command)
@@ -179,19 +247,17 @@ def rollback(app: str, **params: Any) -> int:
 @docker_options
 @etcd_options
 def gc(app: str | None, **params: Any) -> int:
-    """Remove releases and containers nothing routes to."""
+    """Remove releases and containers nothing routes to, on every host."""
     from routerd.deploy.inventory import collect_garbage
-    from routerd.deploy.runtime import DockerRuntime
 
     if app is not None:
         check_app(app)
-    runtime = DockerRuntime(params["docker_host"], advertise_host=params["advertise_host"])
 
     async def work() -> None:
         async with Store(etcd_settings(params)) as store:
             count = await collect_garbage(
                 store,
-                runtime,
+                await open_for(store, params),
                 app=app,
                 dry_run=params["dry_run"],
                 force=params["force"],
@@ -222,7 +288,7 @@ def status(app: str | None, **params: Any) -> int:
             for name in keys.app_names(snapshot.kvs) if app is None else [app]:
                 print_app(snapshot, name)
             if app is not None:
-                await print_deploy_state(store, app, params["docker_host"])
+                await print_deploy_state(store, app, params)
 
     asyncio.run(work())
     return 0
@@ -256,18 +322,17 @@ def print_app(snapshot: Snapshot, name: str) -> None:
         print(f"  {release}/{instance}\t{snapshot.kvs[key].value.decode('utf-8', 'replace')}")
 
 
-async def print_deploy_state(store: Store, app: str, docker_host: str | None) -> None:
+async def print_deploy_state(store: Store, app: str, params: Mapping[str, Any]) -> None:
     """``status <app>``: its release history, containers and what each router serves."""
     from routerd.deploy.inventory import describe
-    from routerd.deploy.runtime import DockerRuntime
 
-    runtime, runtime_error = None, None
+    engines, runtime_error = None, None
     try:
-        runtime = DockerRuntime(docker_host)
+        engines = await open_for(store, params)
     except ContainerError as exc:
         runtime_error = str(exc)
     pool = pool_of(await store.get(keys.config(app)))
-    state = await describe(store, runtime, app, pool=pool)
+    state = await describe(store, engines, app, pool=pool)
     print(f"  history ({len(state.history)}):")
     for release in state.history:
         spec = release.spec
@@ -283,10 +348,34 @@ async def print_deploy_state(store: Store, app: str, docker_host: str | None) ->
     else:
         print(f"  containers ({len(state.containers)}):")
         for c in state.containers:
-            print(f"    {c.name}\t{c.short_id} release={c.release} {c.state} port={c.port}")
+            where = f" host={c.engine}" if c.engine else ""
+            print(
+                f"    {c.name}\t{c.short_id} release={c.release} {c.state}{where} "
+                f"address={c.address}"
+            )
+        if state.runtime_error:
+            print(f"  not looked at: {state.runtime_error}")
     print(f"  routers of pool {pool} ({len(state.routers)}):")
     for line in state.routers:
         print(f"    {line}")
+    await print_traffic(store, app, pool)
 
 
-COMMANDS = (deploy, rollback, gc, status)
+async def print_traffic(store: Store, app: str, pool: str) -> None:
+    """Each router's requests and 5xx per release of ``app``, since it started."""
+    print("  traffic (counted by each router since it started):")
+    for router_id, traffic in await traffic_of(await live_routers(store, pool), app):
+        if isinstance(traffic, str):
+            print(f"    {router_id}: unknown ({traffic})")
+            continue
+        if not traffic.releases:
+            print(f"    {router_id}: no requests")
+        for release, figures in sorted(traffic.releases.items()):
+            codes = " ".join(f"{c}={n}" for c, n in sorted(figures.codes.items()))
+            print(
+                f"    {router_id} {release}: requests={figures.requests} "
+                f"5xx={figures.errors} ({codes})"
+            )
+
+
+COMMANDS = (deploy, rollback, scale, gc, status, hosts)

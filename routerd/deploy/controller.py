@@ -9,7 +9,10 @@
     6 destroy   drain, then remove the old release's keys and containers
 
 The plan, before step 1, fails at once when the pool has no live router
-(unless told not to wait for routers): step 3 could only fail later.
+(unless told not to wait for routers): step 3 could only fail later. Where
+hosts are registered it also places each container (``engines.place_release``):
+a release that does not fit fails there, having started nothing. The old
+release still runs then and counts against the room, as it does.
 A later release registers while ``active`` still names the old one, so the
 routers render nothing new until the switch: at most one reload per deploy.
 The first release of an app becomes active as it registers (nothing to
@@ -21,8 +24,8 @@ A ``Journal`` records what was done. A failure up to step 6's etcd
 transaction, or an interruption (the CLI cancels the task) up to the end of
 the drain, is undone by ``routerd.undo``. After that transaction step 6 only
 removes what nothing routes to any more, and it is not interrupted. Talks to
-etcd through ``Store`` and to containers through ``Runtime`` only; never to
-nginx.
+etcd through ``Store`` and to containers through ``Engines`` (each
+container on its own host's engine) only; never to nginx.
 """
 
 from __future__ import annotations
@@ -30,19 +33,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from routerd import keys
-from routerd.deploy import releases, routers
+from routerd.deploy import configvars, releases, routers
+from routerd.deploy.engines import Engines, place_release, remove_release
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Progress, Say, brief
 from routerd.deploy.releases import Lock, Release, ReleaseSpec
-from routerd.deploy.runtime import ContainerSpec, Runtime, remove_release, run_all, wait_healthy
+from routerd.deploy.runtime import Container, ContainerSpec, run_all, wait_healthy
 from routerd.deploy.undo import Undo
-from routerd.errors import DeployError, StepFailed
+from routerd.errors import DeployError, InvalidValue, StepFailed
 from routerd.keys import APP_NAME, RELEASE_NAME
 from routerd.routerstatus import RouterStatus
-from routerd.store import Check, Delete, Put, Store
+from routerd.store import Check, Delete, Put, Snapshot, Store
 
 
 def check_names(app: str, release: str) -> None:
@@ -56,14 +61,14 @@ class Deployer:
     """Runs deploys and rollbacks of one app at a time under its etcd lock."""
 
     def __init__(
-        self, store: Store, runtime: Runtime, options: DeployOptions, say: Say = print
+        self, store: Store, engines: Engines, options: DeployOptions, say: Say = print
     ) -> None:
         self.store = store
-        self.runtime = runtime
+        self.engines = engines
         self.options = options
         self.say = say
         self.interruptible = True  # False while rolling back or finishing step 6
-        self.undo = Undo(store, runtime, options, say)
+        self.undo = Undo(store, engines, options, say)
 
     # -- entry points
 
@@ -73,8 +78,11 @@ class Deployer:
         spec: ReleaseSpec,
         *,
         release: str | None = None,
-        rollback_of: str | None = None,
+        rollback_of: Release | None = None,
     ) -> None:
+        """Deploy ``spec`` as a new release: its env is the app's config vars
+        overlaid by ``spec.env`` (the deploy's own --env); a rollback runs the
+        target's env as it was and, once it serves, puts its config vars back."""
         name = release or releases.new_release_name()
         check_names(app, name)
         if problems := releases.spec_problems(spec):
@@ -83,8 +91,9 @@ class Deployer:
         lock = Lock(self.store, app, f"deploy {name}", ttl=self.options.lock_ttl)
         await lock.acquire()
         try:
-            new = Release(name, spec, releases.now(), rollback_of=rollback_of)
-            plan = await self._plan(app, new)
+            back_to = rollback_of.name if rollback_of else None
+            new = Release(name, spec, releases.now(), rollback_of=back_to)
+            plan = await self._plan(app, new, rollback_of)
             await self._run(plan, lock)
         finally:
             self.interruptible = False
@@ -92,7 +101,8 @@ class Deployer:
                 self.say(f"could not release the lock of {app}; it expires in {lock.ttl} s")
 
     async def rollback(self, app: str, *, to: str | None = None) -> None:
-        """Deploy again, as a new release, what served before the active release."""
+        """Deploy again, as a new release, what served before the active release,
+        or the release ``to`` names (a version like v7, or a release name)."""
         snapshot = await self.store.range(keys.app(app))
         active = releases.active_release(snapshot, app)
         known, rejected = releases.read_history(snapshot, app)
@@ -105,20 +115,24 @@ class Deployer:
                 + ("" if to else ", or name a valid release with --to")
             ) from bad
         if to is not None:
-            target = next((r for r in known if r.name == to), None)
+            target = releases.by_version(known, to) or next(
+                (r for r in known if r.name == to), None
+            )
             if target is None:
-                raise DeployError(f"release {to} of {app} is not in its history")
+                raise DeployError(
+                    f"{to} is not in the history of {app}; `routerd releases {app}` lists it"
+                )
         else:
             target = releases.previous_release(known, active)
         self.say(
             f"rollback of {app}: from {active or '(none)'} to a new release made like "
-            f"{target.name} (image {target.spec.image})"
+            f"{target.label} {target.name} (image {target.spec.image}, its config vars)"
         )
-        await self.deploy(app, target.spec, rollback_of=target.name)
+        await self.deploy(app, target.spec, rollback_of=target)
 
     # -- deciding
 
-    async def _plan(self, app: str, new: Release) -> Plan:
+    async def _plan(self, app: str, new: Release, rollback_of: Release | None) -> Plan:
         snapshot = await self.store.range(keys.app(app))
         config = snapshot.kvs.get(keys.config(app))
         if config is None:
@@ -133,11 +147,26 @@ class Deployer:
         reports = (
             await routers.require_routers(self.store, pool) if self.options.wait_routers else []
         )
-        if hosts := (await self.store.range(keys.HOSTS)).kvs:
-            self.say(
-                f"note: hosts/ lists {len(hosts)} host(s), but placement over hosts is not "
-                f"implemented yet; using the {self.runtime.name}"
-            )
+        version, version_mod = releases.next_version(snapshot, app)
+        if rollback_of is not None:
+            new = replace(new, config_vars=rollback_of.config_vars, version=version)
+            restore = rollback_of.config_env()
+        else:
+            config_vars = self._config_vars(app, snapshot)
+            spec = replace(new.spec, env={**config_vars, **new.spec.env})
+            names = tuple(sorted(config_vars))
+            new = replace(new, spec=spec, config_vars=names, version=version)
+            restore = None
+        placement = await place_release(
+            self.store,
+            self.engines,
+            app=app,
+            release=new.name,
+            spec=new.spec,
+            pool=pool,
+            count=new.spec.replicas,
+            say=self.say,
+        )
         return Plan(
             app=app,
             release=new,
@@ -146,7 +175,18 @@ class Deployer:
             active_mod=active_kv.mod_revision if active_kv else 0,
             registered=frozenset(registered),
             served_by={r.router_id: r.config_sha256 for r in reports},
+            version_mod=version_mod,
+            restore_config=restore,
+            placement=tuple(placement),
         )
+
+    def _config_vars(self, app: str, snapshot: Snapshot) -> dict[str, str]:
+        kv = snapshot.kvs.get(keys.env(app))
+        where = self.store.prefix + keys.env(app)
+        try:
+            return configvars.parse(where, kv.value if kv else None)
+        except InvalidValue as exc:
+            raise DeployError(f"cannot read the config vars: {exc}") from exc
 
     # -- the six steps
 
@@ -189,31 +229,22 @@ class Deployer:
 
     async def _start(self, plan: Plan, journal: Journal, progress: Progress) -> None:
         spec = plan.release.spec
+        hosts = sorted(set(plan.placement))
+        where = ", ".join(hosts) if self.engines.placing else f"the {self.engines.name}"
         what = (
             f"{spec.replicas} container(s) of {plan.app} {plan.release.name} "
-            f"(image {spec.image}, network {spec.network}, on the {self.runtime.name})"
+            f"({plan.release.label}, image {spec.image}, network {spec.network}, on {where})"
         )
         async with progress.step(1, "start", what) as notes:
-            await self._thread(journal, self.runtime.check_image, spec.image)
+            await run_all(
+                self._thread(journal, self.engines.of(h).check_image, spec.image) for h in hosts
+            )
             await run_all(self._start_one(plan, i, journal) for i in range(spec.replicas))
-            notes.append("healthy at " + ", ".join(c.address for c in journal.containers))
+            notes.append("healthy at " + ", ".join(_at(c) for c in journal.containers))
 
     async def _start_one(self, plan: Plan, index: int, journal: Journal) -> None:
-        spec = plan.release.spec
-        wanted = ContainerSpec(
-            app=plan.app,
-            release=plan.release.name,
-            index=index,
-            image=spec.image,
-            env=spec.env,
-            port=spec.port,
-            network=spec.network,
-        )
-        created = await self._thread(journal, self.runtime.create, wanted)
-        journal.containers.append(created)
-        started = await self._thread(journal, self.runtime.start, created)
-        journal.containers[journal.containers.index(created)] = started
-        await wait_healthy(self.runtime, started, spec.health_path, self.options.health_timeout)
+        wanted = container_spec(plan.app, plan.release, index, plan.host_of(index))
+        await start_container(self.engines, wanted, plan.release.spec, journal, self.options)
 
     async def _register(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> int:
         new = plan.release
@@ -229,7 +260,11 @@ class Deployer:
             ]
             record = new.activated_now() if plan.first else new
             ops.append(Put(keys.history(plan.app, new.name), record.to_json()))
-            checks = [lock.check()]
+            ops.append(Put(keys.version(plan.app), str(new.version).encode()))
+            version_key = keys.version(plan.app)  # taken once: never given twice
+            checks = [lock.check(), Check(version_key, mod_revision=plan.version_mod)]
+            if not plan.version_mod:
+                checks[-1] = Check(version_key)
             if plan.first:
                 ops.append(Put(keys.active(plan.app), new.name.encode()))
                 checks.append(Check(keys.active(plan.app)))
@@ -298,14 +333,21 @@ class Deployer:
                 Delete(keys.release(plan.app, name), prefix=True) for name in old
             ]
             ops += releases.prune_ops(known, {plan.release.name, *old}, plan.app)
+            if plan.restore_config is not None:
+                ops.append(Put(keys.env(plan.app), configvars.to_json(plan.restore_config)))
             # Committed once this is sent: should etcd fail to answer, it may have
             # applied it, and putting ``active`` back could name a deleted release.
             journal.committed = True
             if await self.store.transaction([lock.check()], ops) is None:
                 journal.committed = False  # refused, so nothing was written: roll back
                 raise DeployError(lock.lost_reason)
-            removed = await remove_release(self.runtime, plan.app, old, self.options.stop_timeout)
+            removed, unlisted = await remove_release(
+                self.engines, plan.app, old, self.options.stop_timeout
+            )
             notes.append(f"{removed} container(s) removed")
+            notes += [
+                f"not looked at on {h} ({why}); run: routerd gc" for h, why in unlisted.items()
+            ]
 
     async def _why_refused(self, plan: Plan, lock: Lock) -> str:
         snapshot = await self.store.range(keys.app(plan.app))
@@ -325,14 +367,55 @@ class Deployer:
         return await self.undo.run(plan, journal)
 
     async def _thread(self, journal: Journal, call: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking runtime call; if the deploy is interrupted, the call still
-        finishes in its thread and the rollback waits for it (no orphan)."""
-        future = asyncio.ensure_future(asyncio.to_thread(call, *args))
-        journal.threads.append(future)
-        return await asyncio.shield(future)
+        return await in_thread(journal, call, *args)
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def container_spec(app: str, release: Release, index: int, host: str) -> ContainerSpec:
+    spec = release.spec
+    return ContainerSpec(
+        app=app,
+        release=release.name,
+        index=index,
+        image=spec.image,
+        env=spec.env,
+        port=spec.port,
+        network=spec.network,
+        cpus=spec.cpus,
+        memory_mb=spec.memory_mb,
+        host=host,
+    )
+
+
+async def start_container(
+    engines: Engines,
+    wanted: ContainerSpec,
+    spec: ReleaseSpec,
+    journal: Journal,
+    options: DeployOptions,
+) -> None:
+    """Create and start one container on its host's engine, then wait until it
+    answers its health path; the journal knows of it from its creation on."""
+    runtime = engines.of(wanted.host)
+    created = await in_thread(journal, runtime.create, wanted)
+    journal.containers.append(created)
+    started = await in_thread(journal, runtime.start, created)
+    journal.containers[journal.containers.index(created)] = started
+    await wait_healthy(runtime, started, spec.health_path, options.health_timeout)
+
+
+async def in_thread(journal: Journal, call: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking runtime call; if the deploy is interrupted, the call still
+    finishes in its thread and the rollback waits for it (no orphan)."""
+    future = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    journal.threads.append(future)
+    return await asyncio.shield(future)
+
+
+def _at(container: Container) -> str:
+    return f"{container.address} ({container.engine})" if container.engine else container.address
 
 
 def _served(plan: Plan, reports: list[RouterStatus]) -> list[str]:

@@ -1,12 +1,14 @@
-"""What exists where: etcd's releases against the containers on the engine.
+"""What exists where: etcd's releases against the containers on every engine.
 
 ``collect_garbage`` removes what a crashed controller left behind: containers
-labelled for a release nothing routes to, and releases registered beside the
+labelled for a release nothing routes to (or that are no instance of the
+release they are labelled for), and releases registered beside the
 active one (a deploy that died between register and switch; the history of
 such a release goes too unless it once served). It takes each app's deploy
 lock first, so it never touches a deploy in progress, and leaves alone the
 containers of an app etcd has no config for (unless forced): those are
-someone else's, or the prefix is wrong.
+someone else's, or the prefix is wrong. Every host's engine is looked at;
+one that cannot be reached is named, and gc then exits non-zero.
 ``describe`` gathers one app's releases, instances, containers and what each
 router of its pool serves, for ``routerd status <app>``.
 """
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 
 from routerd import keys
 from routerd.deploy import releases, routers
+from routerd.deploy.engines import Engines, remove_each
 from routerd.deploy.releases import Lock, Release, active_release, registered_releases
-from routerd.deploy.runtime import Container, Runtime, remove_each
+from routerd.deploy.runtime import Container
 from routerd.errors import ContainerError, DeployError, LockHeld
 from routerd.routerstatus import RouterStatus
 from routerd.store import Delete, Snapshot, Store
@@ -39,7 +42,7 @@ def routed(snapshot: Snapshot, app: str) -> set[str]:
 
 async def collect_garbage(
     store: Store,
-    runtime: Runtime,
+    engines: Engines,
     *,
     app: str | None = None,
     dry_run: bool = False,
@@ -54,7 +57,9 @@ async def collect_garbage(
     A failed removal does not stop the others; at the end ContainerError
     names each container left.
     """
-    containers = await asyncio.to_thread(runtime.list, app)
+    containers, unlisted = await asyncio.to_thread(engines.list, app)
+    for host, why in sorted(unlisted.items()):
+        say(f"gc: host {host} not looked at: {why}")
     snapshot = await store.range(keys.app(app) if app else keys.APPS)
     apps = {c.app for c in containers if c.app} | _apps_with_releases(snapshot)
     removed, failed = 0, list[str]()
@@ -64,12 +69,15 @@ async def collect_garbage(
             _refuse(store, name, mine, say)
             continue
         gone, left = await _collect_app(
-            store, runtime, name, mine, dry_run=dry_run, force=force, say=say
+            store, engines, name, mine, dry_run=dry_run, force=force, say=say
         )
         removed, failed = removed + gone, failed + left
     if failed:
         say(f"gc: removed {removed} container(s); {len(failed)} could not be removed")
         raise ContainerError(f"gc: could not remove {'; '.join(failed)}")
+    if unlisted:
+        say(f"gc: removed {removed} container(s); {len(unlisted)} host(s) not looked at")
+        raise ContainerError(f"gc: hosts not looked at: {', '.join(sorted(unlisted))}")
     return removed
 
 
@@ -88,7 +96,7 @@ def _refuse(store: Store, app: str, containers: list[Container], say: Say) -> No
 
 async def _collect_app(
     store: Store,
-    runtime: Runtime,
+    engines: Engines,
     app: str,
     containers: list[Container],
     *,
@@ -108,13 +116,20 @@ async def _collect_app(
         if not force and keys.config(app) not in snapshot.kvs:  # removed meanwhile
             _refuse(store, app, containers, say)
             return 0, []
-        live = routed(snapshot, app)
-        stale_keys = sorted(set(registered_releases(snapshot, app)) - live)
-        stale = [c for c in containers if c.release not in live]
+        live, registered = routed(snapshot, app), registered_releases(snapshot, app)
+        stale_keys = sorted(set(registered) - live)
+        # A container of a routed release that is no instance of it was left by
+        # a scale or a deploy that died before registering it: nothing routes there.
+        stale = [
+            c
+            for c in containers
+            if c.release not in live or c.short_id not in registered.get(c.release, {})
+        ]
         for release in stale_keys:
             say(f"gc: {app}: release {release} is registered but not active: deregistering")
-        for container in stale:
-            say(f"gc: {app}: removing {container.name} ({container.release}, {container.state})")
+        for c in stale:
+            where = f" on {c.engine}" if c.engine else ""
+            say(f"gc: {app}: removing {c.name}{where} ({c.release}, {c.state})")
         if dry_run:
             return len(stale), []
         never_served = {r.name for r in releases.history(snapshot, app) if not r.activated}
@@ -122,7 +137,7 @@ async def _collect_app(
         ops += [Delete(keys.history(app, r)) for r in stale_keys if r in never_served]
         if ops and await store.transaction([lock.check()], ops) is None:
             raise DeployError(lock.lost_reason)
-        failed = await remove_each(runtime, stale, timeout=10)
+        failed = await remove_each(engines, stale, timeout=10)
         for line in failed:
             say(f"gc: {app}: could not remove {line}")
         return len(stale) - len(failed), [f"{app}: {line}" for line in failed]
@@ -139,20 +154,20 @@ class AppStatus:
     active: str | None
     history: list[Release]
     instances: dict[str, dict[str, str]]
-    containers: list[Container] | None  # None: the runtime could not be asked
-    runtime_error: str | None
+    containers: list[Container] | None  # None: no engine could be asked
+    runtime_error: str | None  # why some or every engine could not be asked
     routers: list[str]  # one line per router of the app's pool
 
 
-async def describe(store: Store, runtime: Runtime | None, app: str, *, pool: str) -> AppStatus:
+async def describe(store: Store, engines: Engines | None, app: str, *, pool: str) -> AppStatus:
     snapshot = await store.range(keys.app(app))
     active_kv = snapshot.kvs.get(keys.active(app))
     containers, error = None, None
-    if runtime is not None:
-        try:
-            containers = await asyncio.to_thread(runtime.list, app)
-        except ContainerError as exc:
-            error = str(exc)
+    if engines is not None:
+        found, unlisted = await asyncio.to_thread(engines.list, app)
+        every = len(engines.runtimes) + len(engines.unreachable)
+        containers = None if len(unlisted) == every else found
+        error = "; ".join(f"{h}: {why}" for h, why in sorted(unlisted.items())) or None
     reports = await routers.live_routers(store, pool)
     since = active_kv.mod_revision if active_kv else 0
     active = active_release(snapshot, app)

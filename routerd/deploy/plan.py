@@ -34,6 +34,12 @@ class Plan:
     active_mod: int  # mod revision of ``active`` as read; 0 when there is none
     registered: frozenset[str]  # releases with instances before the deploy
     served_by: dict[str, str]  # router id -> config hash before the deploy
+    version_mod: int = 0  # mod revision of apps/<app>/version as read; 0 when absent
+    restore_config: dict[str, str] | None = None  # a rollback puts these config vars back
+    placement: tuple[str, ...] = ()  # the host of each container; "" for the one local engine
+
+    def host_of(self, index: int) -> str:
+        return self.placement[index] if index < len(self.placement) else ""
 
     @property
     def first(self) -> bool:

@@ -16,15 +16,16 @@ from collections.abc import AsyncIterator, Callable
 from routerd.errors import RouterdError, StepFailed, StoreError
 
 Say = Callable[[str], None]
-STEPS = 6
+STEPS = 6  # a deploy's
 
 
 class Progress:
-    def __init__(self, say: Say) -> None:
+    def __init__(self, say: Say, steps: int = STEPS) -> None:
         self.say = say
+        self.steps = steps
 
     def line(self, number: int, name: str, text: str) -> None:
-        self.say(f"[{number}/{STEPS}] {name}: {text}")
+        self.say(f"[{number}/{self.steps}] {name}: {text}")
 
     @contextlib.asynccontextmanager
     async def step(self, number: int, name: str, what: str) -> AsyncIterator[list[str]]:

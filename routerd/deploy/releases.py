@@ -1,8 +1,13 @@
 """What the deploy controller keeps in etcd beside the routing keys.
 
 - ``apps/<app>/history/<release>``: how a release was made (image, env,
-  replicas, port, network, health path), when it was created and when it
-  first took traffic, so ``routerd rollback`` can make it again.
+  replicas, port, network, health path, reservations and constraints), its
+  version number (v1, v2, ...), when it was created and when it first took
+  traffic, so ``routerd rollback`` and ``routerd scale`` can make its
+  containers again. The last ``HISTORY_KEPT`` are kept.
+- ``apps/<app>/version``: the version number the last release took, so a
+  number is never given twice, even once its record is pruned or a failed
+  deploy's record is removed.
 - ``apps/<app>/lock``: one deploy per app, held on a lease, so the lock of a
   controller that crashed expires by itself; its value says who holds it.
 
@@ -28,6 +33,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from routerd import keys
+from routerd.deploy.hosts import (
+    DEFAULT_CPUS,
+    DEFAULT_MEMORY_MB,
+    json_object,
+    reservation_problems,
+    tag_problems,
+)
 from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
 from routerd.keys import RELEASE_NAME, parse_release_name
 from routerd.logs import log
@@ -106,6 +118,17 @@ class ReleaseSpec:
     port: int = 5000
     network: str = "bridge"
     health_path: str = "/"
+    cpus: float | None = None  # a Docker limit per container; None: none
+    memory_mb: int | None = None
+    constraints: Mapping[str, str] = field(default_factory=dict)  # host tags to run on
+
+    @property
+    def reservation(self) -> tuple[float, int]:
+        """(CPUs, MB) each container reserves for placement: its limits, else the defaults."""
+        return (
+            DEFAULT_CPUS if self.cpus is None else self.cpus,
+            DEFAULT_MEMORY_MB if self.memory_mb is None else self.memory_mb,
+        )
 
 
 def spec_problems(spec: ReleaseSpec) -> list[str]:
@@ -118,13 +141,13 @@ def spec_problems(spec: ReleaseSpec) -> list[str]:
         found.append(f"image {spec.image!r} is not an image reference ({IMAGE.pattern})")
     env: object = spec.env  # as read back: its type is not yet known
     if not isinstance(env, Mapping):
-        found.append(f"env {env!r} is not an object")
-    else:
+        found.append(f"env is a {type(env).__name__}, not an object")
+    else:  # values are secrets: never quoted in a message
         for name, value in env.items():
             if not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
                 found.append(f"env name {name!r} must match {ENV_NAME.pattern}")
             elif not isinstance(value, str) or "\0" in value:
-                found.append(f"env {name} must be a string without NUL, not {value!r}")
+                found.append(f"env {name} must be a string without NUL")
     if not (_is_int(spec.replicas) and 1 <= spec.replicas <= MAX_REPLICAS):
         found.append(f"replicas {spec.replicas!r} is not a whole number 1..{MAX_REPLICAS}")
     if not (_is_int(spec.port) and 1 <= spec.port <= 65535):
@@ -136,6 +159,8 @@ def spec_problems(spec: ReleaseSpec) -> list[str]:
             f"health_path {spec.health_path!r} must start with / and hold only URL path "
             "characters (letters, digits, -._~!$&'()*+,;=:@/? and %XX)"
         )
+    found += reservation_problems(*spec.reservation)  # the defaults always pass
+    found += tag_problems("constraints", spec.constraints)
     return found
 
 
@@ -150,10 +175,22 @@ class Release:
     created: str
     activated: str | None = None  # when it first took traffic
     rollback_of: str | None = None
+    version: int | None = None  # v1, v2, ...; None for a release made before versions
+    config_vars: tuple[str, ...] = ()  # the names in spec.env that came from apps/<app>/env
+
+    @property
+    def label(self) -> str:
+        return f"v{self.version}" if self.version else "-"
 
     def to_json(self) -> bytes:
         data = dict(asdict(self.spec))
-        data.update(created=self.created, activated=self.activated, rollback_of=self.rollback_of)
+        data.update(
+            created=self.created,
+            activated=self.activated,
+            rollback_of=self.rollback_of,
+            version=self.version,
+            config_vars=list(self.config_vars),
+        )
         return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
@@ -161,12 +198,7 @@ class Release:
         """Read a history record back; InvalidValue (naming ``key`` and the
         field) unless every field is one a deploy may run with."""
         key = key or f"release {name}"
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidValue(key, f"not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise InvalidValue(key, "not a JSON object")
+        data = json_object(key, raw)
         if "image" not in data:
             raise InvalidValue(key, "image is missing")
         defaults = asdict(ReleaseSpec(image=""))
@@ -179,9 +211,32 @@ class Release:
         rollback_of = data.get("rollback_of")
         if isinstance(rollback_of, str) and not RELEASE_NAME.fullmatch(rollback_of):
             problems.append(f"rollback_of {rollback_of!r} must match {RELEASE_NAME.pattern}")
+        version = data.get("version")
+        if version is not None and not (_is_int(version) and version >= 1):
+            problems.append(f"version {version!r} is not a whole number from 1")
+        config_vars = data.get("config_vars", [])
+        env = spec.env if isinstance(spec.env, Mapping) else {}
+        if not (isinstance(config_vars, list) and all(n in env for n in config_vars)):
+            problems.append("config_vars must list names of env")
         if problems:
             raise InvalidValue(key, "; ".join(problems))
-        return cls(name, spec, data["created"], data.get("activated"), rollback_of)
+        return cls(
+            name,
+            spec,
+            data["created"],
+            data.get("activated"),
+            rollback_of,
+            version,
+            tuple(config_vars),
+        )
+
+    def own_env(self) -> dict[str, str]:
+        """The env the deploy gave itself (--env), without the config vars."""
+        return {k: v for k, v in self.spec.env.items() if k not in self.config_vars}
+
+    def config_env(self) -> dict[str, str]:
+        """The config vars this release ran with."""
+        return {k: v for k, v in self.spec.env.items() if k in self.config_vars}
 
     def activated_now(self) -> Release:
         return replace(self, activated=self.activated or now())
@@ -218,6 +273,24 @@ def previous_release(releases: list[Release], active: str | None) -> Release:
     if not served:
         raise DeployError(f"no earlier release than {active or '(none)'} to roll back to")
     return max(served, key=lambda r: (r.activated or "", r.created))
+
+
+def next_version(snapshot: Snapshot, app: str) -> tuple[int, int]:
+    """The version the next release of ``app`` takes, and the mod revision of
+    ``apps/<app>/version`` as read (0: absent), for the transaction that
+    takes it. Without the key (releases made before versions), one past the
+    highest version in the history."""
+    kv = snapshot.kvs.get(keys.version(app))
+    text = kv.value.decode("ascii", "replace").strip() if kv else ""
+    last = int(text) if text.isdigit() else 0
+    recorded = max((r.version or 0 for r in history(snapshot, app)), default=0)
+    return max(last, recorded) + 1, kv.mod_revision if kv else 0
+
+
+def by_version(releases: list[Release], label: str) -> Release | None:
+    """The release a person names as ``v7`` (or ``7``)."""
+    number = label.removeprefix("v")
+    return next((r for r in releases if number.isdigit() and r.version == int(number)), None)
 
 
 def prune_ops(releases: list[Release], keep: set[str], app: str) -> list[Put | Delete]:

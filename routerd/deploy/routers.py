@@ -16,6 +16,7 @@ from routerd import keys
 from routerd.errors import DeployError, InvalidValue
 from routerd.routerstatus import RouterStatus
 from routerd.store import Snapshot, Store
+from routerd.traffic import AppTraffic, fetch_traffic
 
 
 def router_statuses(snapshot: Snapshot) -> tuple[list[RouterStatus], list[str]]:
@@ -72,3 +73,17 @@ def check_serving(routers: list[RouterStatus], *, prefix: str, app: str, release
     for router in routers:
         for error in router.errors_about(prefix, app, release):
             raise DeployError(f"router {router.router_id} rejected {error.key}: {error.error}")
+
+
+async def traffic_of(routers: list[RouterStatus], app: str) -> list[tuple[str, AppTraffic | str]]:
+    """Each router's figures for ``app`` from its metrics server, or why there are none."""
+
+    async def one(router: RouterStatus) -> tuple[str, AppTraffic | str]:
+        if not router.metrics:
+            return router.router_id, "its status names no metrics server (an older routerd)"
+        try:
+            return router.router_id, await fetch_traffic(router.metrics, app)
+        except InvalidValue as exc:
+            return router.router_id, str(exc)
+
+    return list(await asyncio.gather(*(one(r) for r in routers)))

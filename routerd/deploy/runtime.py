@@ -2,8 +2,10 @@
 
 The controller talks to containers only through ``Runtime``, a small
 interface one Docker host implements (``DockerRuntime``, given the engine's
-URL and the address its containers are reached at), so placement over
-several hosts can hand each container to its host's runtime later.
+URL, the address its containers are reached at and the host's name);
+``engines.Engines`` holds one per registered host. This module also reads
+what an engine has to give: its capacity (``docker info``) and the limits
+of every container on it, routerd's or not.
 
 Every container carries the labels ``routerd.app`` and ``routerd.release``,
 reads its port from ``$PORT``, as on Heroku, and runs under an init, so PID
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 
 import docker
 import docker.errors
+import docker.tls
 import requests
 
 from routerd.errors import ContainerError, Unhealthy
@@ -51,10 +54,23 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     port: int = 5000  # $PORT inside the container on a bridge network
     network: str = "bridge"  # or "host"
+    cpus: float | None = None  # Docker limits; None: none
+    memory_mb: int | None = None
+    host: str = ""  # the host it is placed on; "" for the one engine without hosts/
 
     @property
     def name(self) -> str:
         return f"routerd-{self.app}-{self.release}-{self.index}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one container on an engine may use, as Docker reports it; None: no limit."""
+
+    app: str  # its routerd.app label; "" for anyone else's container
+    release: str
+    cpus: float | None
+    memory_mb: float | None
 
 
 @dataclass(frozen=True)
@@ -65,9 +81,11 @@ class Container:
     name: str
     app: str
     release: str
-    host: str
+    host: str  # the address routers reach it at
     port: int | None
     state: str = ""
+    started: str = ""  # when it last started, as the engine says (RFC 3339)
+    engine: str = ""  # the name of the host whose engine runs it; "" without hosts/
 
     @property
     def short_id(self) -> str:
@@ -93,6 +111,10 @@ class Runtime(Protocol):
 
     def remove(self, container: Container, *, timeout: float) -> None: ...
 
+    def capacity(self) -> tuple[float, float]: ...
+
+    def limits(self) -> list[Limits]: ...
+
     def list(self, app: str | None = None, release: str | None = None) -> list[Container]: ...
 
 
@@ -117,14 +139,46 @@ def _one_line(exc: BaseException) -> str:
 
 
 class DockerRuntime:
-    """One Docker engine (``base_url``; None: ``DOCKER_HOST`` or the default socket)."""
+    """One Docker engine (``base_url``; None: ``DOCKER_HOST`` or the default socket).
 
-    def __init__(self, base_url: str | None = None, *, advertise_host: str = "127.0.0.1") -> None:
-        self.name = base_url or "local Docker engine"
+    ``tls`` is (CA, client certificate, client key) for a tcp:// engine;
+    ``host`` the name of the host it belongs to, stamped on its containers."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        advertise_host: str = "127.0.0.1",
+        host: str = "",
+        tls: tuple[str, str, str] | None = None,
+    ) -> None:
+        self.name = f"Docker engine of {host}" if host else base_url or "local Docker engine"
         self.advertise_host = advertise_host
+        self.host = host
         with engine_call(f"cannot reach the {self.name}"):
-            self.client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+            if tls is not None:
+                self.client = _TlsDockerClient(base_url=base_url, tls=_tls_config(tls))
+            elif base_url:
+                self.client = docker.DockerClient(base_url=base_url)
+            else:
+                self.client = docker.from_env()
             self.client.ping()
+
+    def capacity(self) -> tuple[float, float]:
+        """(CPUs, memory in MB) as the engine reports its machine."""
+        with engine_call(f"cannot read the capacity of the {self.name}"):
+            info = self.client.info()
+        return float(info["NCPU"]), int(info["MemTotal"]) / 2**20
+
+    def limits(self) -> list[Limits]:
+        """The limits of every container that may run here (any but exited or dead)."""
+        with engine_call(f"cannot list containers on the {self.name}"):
+            found = self.client.containers.list(all=True, ignore_removed=True)
+        return [
+            _limits(c.attrs)
+            for c in found
+            if c.attrs.get("State", {}).get("Status") not in ("exited", "dead")
+        ]
 
     def check_image(self, image: str) -> None:
         try:
@@ -143,7 +197,11 @@ class DockerRuntime:
         options = _network_options(spec)
         env = {**spec.env, "ROUTERD_APP": spec.app, "ROUTERD_RELEASE": spec.release}
         env["PORT"] = str(options.pop("port"))
-        with engine_call(f"cannot create {spec.name}"):
+        if spec.cpus is not None:
+            options["nano_cpus"] = round(spec.cpus * 1e9)
+        if spec.memory_mb is not None:
+            options["mem_limit"] = spec.memory_mb * 2**20
+        with engine_call(f"cannot create {spec.name} on the {self.name}"):
             created = self.client.containers.create(
                 spec.image,
                 name=spec.name,
@@ -156,7 +214,7 @@ class DockerRuntime:
         return self._describe(created)
 
     def start(self, container: Container) -> Container:
-        with engine_call(f"cannot start {container.name}"):
+        with engine_call(f"cannot start {container.name} on the {self.name}"):
             handle = self.client.containers.get(container.id)
             handle.start()
             handle.reload()
@@ -188,7 +246,7 @@ class DockerRuntime:
         return None if answer.status_code < 400 else f"HTTP {answer.status_code}"
 
     def _check_running(self, container: Container) -> None:
-        what = f"cannot inspect {container.name}"
+        what = f"cannot inspect {container.name} on the {self.name}"
         try:
             with engine_call(what):
                 handle = self.client.containers.get(container.id)
@@ -198,7 +256,7 @@ class DockerRuntime:
             raise
         state = handle.attrs.get("State", {})
         if state.get("Status") != "running":
-            with engine_call(f"cannot read the output of {container.name}"):
+            with engine_call(f"cannot read the output of {container.name} on the {self.name}"):
                 logs = handle.logs(tail=5).decode("utf-8", "replace").strip()
             raise Unhealthy(
                 f"{container.name} {state.get('Status')} with code {state.get('ExitCode')}"
@@ -208,7 +266,7 @@ class DockerRuntime:
     def remove(self, container: Container, *, timeout: float) -> None:
         """Stop gracefully (SIGTERM, SIGKILL after ``timeout``), then remove."""
         try:
-            with engine_call(f"cannot remove {container.name}"):
+            with engine_call(f"cannot remove {container.name} on the {self.name}"):
                 handle = self.client.containers.get(container.id)
                 handle.stop(timeout=max(0, round(timeout)))
                 handle.remove(v=True, force=True)
@@ -237,7 +295,46 @@ class DockerRuntime:
             host=self.advertise_host,
             port=_published_port(attrs),
             state=attrs.get("State", {}).get("Status", ""),
+            started=attrs.get("State", {}).get("StartedAt", ""),
+            engine=self.host,
         )
+
+
+def _tls_config(tls: tuple[str, str, str]) -> docker.tls.TLSConfig:
+    ca, cert, key = tls
+    return docker.tls.TLSConfig(client_cert=(cert, key), ca_cert=ca, verify=True)
+
+
+class _TlsAPIClient(docker.APIClient):  # type: ignore[misc]  # docker ships no types
+    """An engine client that verifies with the host's own CA, always.
+
+    requests lets REQUESTS_CA_BUNDLE (set on many machines) replace a
+    session's CA for every request, so the engine's certificate would be
+    checked against the system's CAs and refused; docker-py leaves this to
+    its callers."""
+
+    def merge_environment_settings(self, *args: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(*args)
+        settings["verify"] = self.verify
+        return settings
+
+
+class _TlsDockerClient(docker.DockerClient):  # type: ignore[misc]
+    def __init__(self, **kwargs: Any) -> None:
+        self.api = _TlsAPIClient(**kwargs)
+
+
+def _limits(attrs: Mapping[str, Any]) -> Limits:
+    """A container's CPU limit (``--cpus``, else a CFS quota) and memory limit."""
+    config = attrs.get("HostConfig") or {}
+    labels = (attrs.get("Config") or {}).get("Labels") or {}
+    cpus = None
+    if config.get("NanoCpus"):
+        cpus = config["NanoCpus"] / 1e9
+    elif config.get("CpuQuota", 0) > 0 and config.get("CpuPeriod", 0) > 0:
+        cpus = config["CpuQuota"] / config["CpuPeriod"]
+    memory = config["Memory"] / 2**20 if config.get("Memory") else None
+    return Limits(labels.get(LABEL_APP, ""), labels.get(LABEL_RELEASE, ""), cpus, memory)
 
 
 def _network_options(spec: ContainerSpec) -> dict[str, Any]:
@@ -289,35 +386,6 @@ async def wait_healthy(
                 f"within {timeout:g} s (last: {reason})"
             )
         await asyncio.sleep(interval)
-
-
-async def remove_release(runtime: Runtime, app: str, releases: list[str], timeout: float) -> int:
-    """Stop and remove every container of these releases, in parallel; how many.
-
-    One failed removal does not stop the others: each is tried, then one
-    ContainerError names every container that is left.
-    """
-    found = [c for name in releases for c in await asyncio.to_thread(runtime.list, app, name)]
-    failed = await remove_each(runtime, found, timeout)
-    if failed:
-        raise ContainerError("; ".join(failed))
-    return len(found)
-
-
-async def remove_each(runtime: Runtime, containers: list[Container], timeout: float) -> list[str]:
-    """Remove these containers in parallel, each whatever befalls the others;
-    a line per one that could not be removed."""
-    outcomes = await asyncio.gather(
-        *(asyncio.to_thread(runtime.remove, c, timeout=timeout) for c in containers),
-        return_exceptions=True,
-    )
-    failed = []
-    for container, outcome in zip(containers, outcomes, strict=True):
-        if isinstance(outcome, BaseException):
-            if not isinstance(outcome, Exception):
-                raise outcome  # cancellation and the like: not a failed removal
-            failed.append(f"{container.name} ({_one_line(outcome)})")
-    return failed
 
 
 async def run_all(coros: Iterable[Coroutine[Any, Any, Any]]) -> None:

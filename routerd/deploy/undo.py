@@ -7,8 +7,10 @@
    for: nothing may route to a container about to stop. If they do not
    confirm, the new containers keep running and are reported, for the
    person to remove with ``routerd gc`` once the routers are back.
-4. Its containers stopped and removed, found by label, after any runtime
-   call an interruption left running has finished (so none is orphaned).
+4. Its containers stopped and removed, found by label on every host's
+   engine, after any runtime call an interruption left running has
+   finished (so none is orphaned). An engine that cannot be asked any more
+   is named, with what the journal says runs there, for ``routerd gc``.
 
 etcd may be down (that may be why the deploy failed): each etcd undo is
 retried until the rollback's deadline. One failing undo never stops the
@@ -25,9 +27,9 @@ from typing import TypeVar
 
 from routerd import keys
 from routerd.deploy import routers
+from routerd.deploy.engines import Engines, remove_release
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Say, brief, since
-from routerd.deploy.runtime import Runtime, remove_release
 from routerd.errors import RouterdError, StoreError
 from routerd.store import Check, Delete, Put, Store
 
@@ -35,9 +37,9 @@ T = TypeVar("T")
 
 
 class Undo:
-    def __init__(self, store: Store, runtime: Runtime, options: DeployOptions, say: Say) -> None:
+    def __init__(self, store: Store, engines: Engines, options: DeployOptions, say: Say) -> None:
         self.store = store
-        self.runtime = runtime
+        self.engines = engines
         self.options = options
         self.say = say
 
@@ -46,9 +48,9 @@ class Undo:
         started, left = time.monotonic(), list[str]()
         deadline = started + self.options.rollback_timeout
         self.say(f"rollback: undoing the deploy of {plan.app} {plan.release.name}")
-        await _settle(journal)
+        await settle(journal)
         in_use = await self._undo_etcd(plan, journal, deadline, left)
-        left += await (self._keep(plan, journal, in_use) if in_use else self._remove(plan))
+        left += await (self._keep(plan, journal, in_use) if in_use else self._remove(plan, journal))
         outcome = f"left behind: {'; '.join(left)}" if left else "done"
         self.say(f"rollback: {outcome} in {since(started)}")
         return left
@@ -127,20 +129,27 @@ class Undo:
             return f"the routers did not confirm they stopped routing to it ({brief(exc)})"
         return None
 
-    async def _remove(self, plan: Plan) -> list[str]:
+    async def _remove(self, plan: Plan, journal: Journal) -> list[str]:
         new = plan.release.name
         try:
-            removed = await remove_release(self.runtime, plan.app, [new], self.options.stop_timeout)
+            removed, unlisted = await remove_release(
+                self.engines, plan.app, [new], self.options.stop_timeout
+            )
         except Exception as exc:  # noqa: BLE001  (e.g. the engine went away: say so, do not raise)
             return [f"containers of {new} ({brief(exc)}; run: routerd gc)"]
         self.say(f"rollback: removed {removed} container(s) of {new}")
-        return []
+        placed = {c.engine for c in journal.containers} | set(plan.placement)
+        return [
+            f"containers of {new} on {host} ({why}; run: routerd gc once it is back)"
+            for host, why in sorted(unlisted.items())
+            if host in placed
+        ]
 
     async def _keep(self, plan: Plan, journal: Journal, why: str) -> list[str]:
         """Leave the new containers running: stopping them could cut live traffic."""
         new = plan.release.name
         try:
-            found = await asyncio.to_thread(self.runtime.list, plan.app, new)
+            found, _ = await asyncio.to_thread(self.engines.list, plan.app, new)
             names = [c.name for c in found]
         except Exception:  # noqa: BLE001  (the names the journal knows will do)
             names = [c.name for c in journal.containers]
@@ -154,7 +163,7 @@ class Undo:
         ]
 
 
-async def _settle(journal: Journal) -> None:
+async def settle(journal: Journal) -> None:
     """Wait for runtime calls an interruption left running; their errors are moot."""
     if not journal.threads:
         return

@@ -18,6 +18,7 @@ import re
 import stat
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,14 @@ def table_of(routing: RoutingTable) -> dict[str, str]:
     return {app.name: app.addresses for app in routing.apps if app.ip_only}
 
 
+def body(revision: int, entries: Mapping[str, str], *, full: bool) -> str:
+    """What nginx's balancer reads, pushed or from the file: a head line
+    ``revision <n>`` (`` full`` when ``entries`` is the whole table, not
+    changes), then ``<app> <host:port>,...`` per app (empty: no instance)."""
+    head = f"revision {revision}" + (" full" if full else "")
+    return "\n".join([head] + [f"{app} {value}" for app, value in entries.items()]) + "\n"
+
+
 class Backends:
     """What nginx's shared dict holds, and how to change it."""
 
@@ -122,10 +131,7 @@ class Backends:
         whole table again anyway, and the fsync would sit on the hot path.
         """
         table = self.pushed or {} if table is None else table
-        lines = [f"revision {revision} full"] + [f"{a} {v}" for a, v in table.items()]
-        tmp = self.file.with_name(".backends.txt.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, self.file)
+        write_atomic(self.file, body(revision, table, full=True).encode(), sync=False)
 
     def changes(self, routing: RoutingTable, *, removals: bool = True) -> dict[str, str] | None:
         """What nginx must learn (an empty app: no instance); None: the whole table.
@@ -147,10 +153,9 @@ class Backends:
     async def push(self, routing: RoutingTable, changes: dict[str, str] | None) -> int:
         """Send ``changes`` (the whole table when None); the number of apps sent."""
         entries = table_of(routing) if changes is None else changes
-        head = f"revision {routing.revision}" + (" full" if changes is None else "")
-        body = "\n".join([head] + [f"{a} {v}" for a, v in entries.items()]) + "\n"
+        text = body(routing.revision, entries, full=changes is None)
         try:
-            answer = await self._request("POST", body.encode())
+            answer = await self._request("POST", text.encode())
         except (OSError, ReloadError):
             self.pushed = None
             raise
@@ -172,8 +177,7 @@ class Backends:
         """Push the last pushed table whole again (and its file): after a rollback,
         nginx must not keep the table the refused generation loaded."""
         table = dict(self.pushed or {})
-        body = "\n".join([f"revision {revision} full"] + [f"{a} {v}" for a, v in table.items()])
-        answer = await self._request("POST", (body + "\n").encode())
+        answer = await self._request("POST", body(revision, table, full=True).encode())
         if answer != f"revision {revision}":
             self.pushed = None
             raise ReloadError(f"nginx refused the backend restore: {answer}")
@@ -188,7 +192,7 @@ class Backends:
         match = re.fullmatch(r"revision (\d+)", answer)
         return int(match.group(1)) if match else None
 
-    async def _request(self, method: str, body: bytes) -> str:
+    async def _request(self, method: str, payload: bytes) -> str:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.socket)), 2.0
@@ -198,8 +202,8 @@ class Backends:
         try:
             writer.write(
                 f"{method} /backends HTTP/1.0\r\nHost: routerd\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
             )
             response = await asyncio.wait_for(reader.read(), 10.0)
         except (TimeoutError, OSError) as exc:

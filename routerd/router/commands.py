@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import difflib
+import ipaddress
 import json
 import re
 import signal
@@ -21,11 +22,17 @@ from typing import Any, TypeVar
 import click
 
 from routerd import keys
-from routerd.errors import ConfigError
+from routerd.errors import ConfigError, InvalidValue
 from routerd.keys import APP_NAME
-from routerd.router.model import OPTION_PARSERS, parse_app_config
+from routerd.router.model import (
+    MAX_DOMAINS,
+    OPTION_PARSERS,
+    parse_app_config,
+    parse_domain,
+    parse_options,
+)
 from routerd.router.pipeline import lua_support
-from routerd.router.settings import PACKAGE_TEMPLATES, NginxSettings, Settings
+from routerd.router.settings import PACKAGE_TEMPLATES, Edge, NginxSettings, Settings
 from routerd.settings import (
     Command,
     Group,
@@ -74,6 +81,40 @@ def nginx_options(*, conf_required: bool) -> Callable[[F], F]:
             help="apply instance and release changes inside nginx, without a reload "
             "(needs the Lua module; auto: when this nginx has it)",
         ),
+        flag(
+            "--proxy-protocol",
+            is_flag=True,
+            help="the HTTP and HTTPS listeners expect the PROXY protocol (v1 or v2) and take "
+            "the client address from it (needs --trusted-proxies)",
+        ),
+        flag(
+            "--trusted-proxies",
+            default="",
+            metavar="CIDR[,CIDR...]",
+            show_default="none",
+            help="peers believed about the client: their PROXY header, X-Forwarded-For "
+            "(rightmost untrusted address wins), X-Forwarded-Proto/-Port, X-Request-Id",
+        ),
+        flag("--http2/--no-http2", default=True, help="HTTP/2 on the HTTPS listeners"),
+        flag(
+            "--keepalive-timeout",
+            default=75,
+            type=click.IntRange(1, 3600),
+            help="seconds an idle client connection stays open (keep it above the "
+            "balancer's idle timeout, 60 s on the cloud balancers)",
+        ),
+        flag(
+            "--access-log",
+            default="",
+            metavar="PATH|stdout|off",
+            show_default="access.log in the runtime folder",
+            help="where routerd writes one line per request",
+        ),
+        flag(
+            "--traffic-metrics/--no-traffic-metrics",
+            default=True,
+            help="per-app request counts and latency histograms on /metrics",
+        ),
     ]
 
     def decorate(command: F) -> F:
@@ -94,6 +135,18 @@ def daemon_options(command: F) -> F:
             help="name of this router's status key routers/<id>",
         ),
         flag("--metrics-listen", default="127.0.0.1:9145", help="/healthz, /readyz and /metrics"),
+        flag(
+            "--metrics-advertise",
+            metavar="HOST:PORT",
+            show_default="--metrics-listen, 0.0.0.0 and [::] read as 127.0.0.1",
+            help="where others reach the metrics server (written in the router status)",
+        ),
+        flag(
+            "--access-log-format",
+            default="json",
+            type=click.Choice(["json", "heroku"]),
+            help="one JSON object per line, or Heroku's router line",
+        ),
         flag("--allow-shrink", is_flag=True, help="apply snapshots that drop most or all apps"),
         flag(
             "--debounce-min",
@@ -130,6 +183,55 @@ def daemon_options(command: F) -> F:
 # --------------------------------------------------------------- settings
 
 
+def parse_trusted_proxies(value: str) -> tuple[str, ...]:
+    cidrs = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            if "%" in item:  # an IPv6 scope id may hold almost any byte
+                raise ValueError("a scope id")
+            cidrs.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ConfigError("--trusted-proxies", f"{item!r} is not an address or CIDR") from exc
+    return tuple(dict.fromkeys(cidrs))
+
+
+def edge_settings(params: Mapping[str, Any]) -> Edge:
+    trusted = parse_trusted_proxies(params["trusted_proxies"])
+    if params["proxy_protocol"] and not trusted:
+        raise ConfigError(
+            "--trusted-proxies",
+            "--proxy-protocol believes the PROXY header of trusted proxies only: "
+            "give the balancer's addresses",
+        )
+    return Edge(
+        proxy_protocol=params["proxy_protocol"],
+        trusted_proxies=trusted,
+        http2=params["http2"],
+        keepalive_timeout=params["keepalive_timeout"],
+        traffic_log=params["access_log"] != "off" or params["traffic_metrics"],
+    )
+
+
+def access_log_of(params: Mapping[str, Any], runtime: Path) -> str:
+    """--access-log: "off", "stdout" or an absolute path (default: in the runtime folder)."""
+    value = params["access_log"]
+    if value in ("off", "stdout"):
+        return str(value)
+    if not value:
+        return str(runtime / "access.log")  # the runtime folder is made at start
+    path = Path(value).resolve()
+    if not path.parent.is_dir():
+        raise ConfigError("--access-log", f"folder {path.parent} does not exist")
+    return str(path)
+
+
+def advertised(params: Mapping[str, Any]) -> str:
+    if params["metrics_advertise"]:
+        return parse_listen("--metrics-advertise", params["metrics_advertise"])
+    host, _, port = params["metrics_listen"].rpartition(":")
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]') else host}:{port}"
+
+
 def nginx_settings(params: Mapping[str, Any], conf: Path) -> NginxSettings:
     for name in ("http_listen", "https_listen", "status_listen"):
         parse_listen("--" + name.replace("_", "-"), params[name])
@@ -160,6 +262,7 @@ def nginx_settings(params: Mapping[str, Any], conf: Path) -> NginxSettings:
         templates=templates,
         reload_timeout=params.get("reload_timeout", 15.0),
         keep_failed=params.get("keep_failed", 5),
+        edge=edge_settings(params),
     )
 
 
@@ -170,9 +273,10 @@ def run_settings(params: Mapping[str, Any]) -> Settings:
     if params["supervise"] == bool(params["nginx_pid_file"]):
         raise ConfigError("--supervise", "give exactly one of --supervise or --nginx-pid-file")
     parse_listen("--metrics-listen", params["metrics_listen"])
+    nginx = nginx_settings(params, conf)
     return Settings(
         etcd=etcd_settings(params),
-        nginx=nginx_settings(params, conf),
+        nginx=nginx,
         pool=params["pool"],
         router_id=params["router_id"],
         dynamic_backends=params["dynamic_backends"],
@@ -182,6 +286,10 @@ def run_settings(params: Mapping[str, Any]) -> Settings:
         debounce_max=params["debounce_max"],
         resync_interval=params["resync_interval"],
         stale_after=params["stale_after"],
+        metrics_advertise=advertised(params),
+        access_log=access_log_of(params, nginx.runtime_dir),
+        access_log_format=params["access_log_format"],
+        traffic_metrics=params["traffic_metrics"],
     )
 
 
@@ -285,6 +393,28 @@ def parse_option(text: str) -> tuple[str, Any]:
         return name, raw
 
 
+def refused_as(flag_name: str, check: Callable[[], object]) -> None:
+    """Run one of the model's checks on a flag's value: its refusal is the flag's fault."""
+    try:
+        check()
+    except InvalidValue as exc:
+        raise ConfigError(flag_name, exc.message) from exc
+
+
+def checked_config(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The app config ``apps set`` was given, each part held to the router's rules,
+    a refusal naming its flag."""
+    domains = list(params["domain"])
+    if len(domains) > MAX_DOMAINS:
+        raise ConfigError("--domain", f"at most {MAX_DOMAINS} domains")
+    refused_as("--domain", lambda: [parse_domain("--domain", d) for d in domains])
+    if APP_NAME.fullmatch(params["pool"]) is None:
+        raise ConfigError("--pool", f"{params['pool']!r} must match {APP_NAME.pattern}")
+    options = dict(parse_option(o) for o in params["option"])
+    refused_as("--option", lambda: parse_options("--option", options))
+    return {"domains": domains, "pool": params["pool"], "options": options}
+
+
 def with_store(
     params: Mapping[str, Any], work: Callable[[Store], Coroutine[Any, Any, None]]
 ) -> int:
@@ -309,13 +439,8 @@ def with_store(
 @etcd_options
 def apps_set(app: str, **params: Any) -> int:
     """Create or replace an app's config."""
-    config = {
-        "domains": list(params["domain"]),
-        "pool": params["pool"],
-        "options": dict(parse_option(o) for o in params["option"]),
-    }
-    raw = json.dumps(config).encode()
     rel = keys.config(check_app(app))
+    raw = json.dumps(checked_config(params)).encode()
 
     async def work(store: Store) -> None:
         key = keys.absolute(store.settings.prefix, rel)

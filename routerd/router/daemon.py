@@ -6,8 +6,10 @@
 Four tasks in one TaskGroup: follow etcd, apply (one at a time, debounced),
 keep the status lease alive, and watch nginx (restart, adopt, readiness)
 and the balancer table. A watchdog thread marks template edits, which are
-swapped in between renders. /healthz, /readyz and /metrics are served
-from here. Nothing here touches nginx.conf: that is the pipeline's alone.
+swapped in between renders; another thread tails nginx's traffic log
+(traffic.py), told of each new routing table. /healthz, /readyz, /metrics
+and /traffic are served from here. Nothing here touches nginx.conf: that
+is the pipeline's alone.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from routerd.logs import log
 from routerd.router.debounce import Debouncer
 from routerd.router.follow import Follower, Mirror
 from routerd.router.metrics import HealthServer, Metrics
-from routerd.router.pipeline import Router, lua_support
+from routerd.router.model import RoutingTable
+from routerd.router.pipeline import GOOD, Router, lua_support
 from routerd.router.settings import Settings
 from routerd.router.status import Reporter, StatusWriter
+from routerd.router.traffic import AccessLog, TrafficCounts, TrafficLog
 from routerd.store import Store
 
 logger = logging.getLogger("routerd.daemon")
@@ -50,11 +54,38 @@ class Daemon:
             self.store, router_id=settings.router_id, ttl=settings.status_ttl
         )
         self.reporter = Reporter(
-            self.metrics, self.status, pool=settings.pool, conf=str(settings.nginx.conf)
+            self.metrics,
+            self.status,
+            pool=settings.pool,
+            conf=str(settings.nginx.conf),
+            advertise=settings.metrics_advertise,
         )
+        self.counts = TrafficCounts() if settings.traffic_metrics else None
+        if self.counts is not None:
+            self.metrics.registry.register(self.counts)
+        self.traffic = self._traffic_log()
         self.debouncer = Debouncer(settings.debounce_min, settings.debounce_max)
         self._wake = asyncio.Event()
         self._templates_dirty = False
+        self._traffic_table: RoutingTable | None = None  # what the traffic log names releases by
+
+    def _traffic_log(self) -> TrafficLog | None:
+        path, settings = self.settings.nginx.traffic_log, self.settings
+        if path is None:
+            return None
+        access_log = None
+        if settings.access_log != "off":
+            access_log = AccessLog(settings.access_log, settings.access_log_format)
+        return TrafficLog(
+            path,
+            counts=self.counts,
+            access_log=access_log,
+            reopen=self.router.nginx.master.reopen_logs,
+        )
+
+    def traffic_json(self, app: str) -> bytes:
+        assert self.counts is not None  # served only with traffic metrics on
+        return self.counts.report(app).to_json()
 
     def changed(self) -> None:
         self.debouncer.notify(time.monotonic())
@@ -76,8 +107,15 @@ class Daemon:
     # -- tasks
 
     async def run(self) -> None:
-        server = HealthServer(self.metrics, healthy=self.healthy, ready=self.is_ready)
+        server = HealthServer(
+            self.metrics,
+            healthy=self.healthy,
+            ready=self.is_ready,
+            traffic=self.traffic_json if self.counts is not None else None,
+        )
         await server.start(self.settings.metrics_listen)
+        if self.traffic is not None:
+            self.traffic.start()
         self.metrics.etcd_age.set_function(lambda: time.monotonic() - self.store.last_heard)
         await self.router.start()
         observer = self._watch_templates()
@@ -100,6 +138,8 @@ class Daemon:
             await self.store.close()
             await server.stop()
             self.router.nginx.stop()
+            if self.traffic is not None:
+                self.traffic.stop()  # after nginx: its last lines are counted and logged
             log(logger, "stopped")
 
     def _watch_templates(self) -> Any:
@@ -156,6 +196,14 @@ class Daemon:
             return
         if result.retry_in is not None:
             loop.call_later(result.retry_in, self.changed)
+        # Only a table nginx serves: a held or refused one may lack apps still served.
+        if (
+            self.traffic is not None
+            and result.outcome in GOOD
+            and result.table is not self._traffic_table
+        ):
+            self._traffic_table = result.table
+            await asyncio.to_thread(self.traffic.update, result.table)
         self.reporter.applied(snapshot.revision, result, self.router.nginx.served)
 
     async def _watch_nginx(self) -> None:

@@ -1,7 +1,9 @@
 """The files beside nginx.conf: write a generation, stage, install, restore, collect.
 
 The destination is only ever the old file or the new one: every file is
-written to a temporary name in its own folder, fsynced and renamed. App and
+written to a temporary name in its own folder, fsynced and renamed; a write
+that fails (a full disk, a read-only folder) removes its temporary file and
+raises InstallError naming the file. App and
 cert files are named by their content, so writing a generation never
 touches a file the running one uses; ``nginx.conf`` is swapped last, with
 the previous one kept as ``nginx.conf.prev`` for rollback.
@@ -26,36 +28,53 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from routerd.errors import InstallError
 from routerd.router.render import APPS_DIR, CERTS_DIR, Rendered
 
 GENERATION = re.compile(rb'return 200 "([0-9a-f]{64})";')
 RECORDS_DIR = "routerd/generations"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write beside the destination, fsync, rename: never a partial file."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, sync: bool = True) -> None:
+    """Write beside the destination, fsync (unless not ``sync``), rename: never a
+    partial file, and no temporary one left when it fails."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:  # a nearly full disk may take fewer bytes than asked
-            view = view[os.write(fd, view) :]
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # a full disk must not keep what did fit
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    except OSError as exc:
+        raise _failed("write", path, exc) from exc
+    try:
+        try:
+            view = memoryview(data)
+            while view:  # a nearly full disk may take fewer bytes than asked
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, mode)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a full disk must not keep what did fit
+        if isinstance(exc, OSError):
+            raise _failed("write", path, exc) from exc
         raise
-    os.close(fd)
-    os.replace(tmp, path)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise _failed("sync", path, exc) from exc
+
+
+def _failed(what: str, path: Path, exc: OSError) -> InstallError:
+    return InstallError(f"cannot {what} {path}: {exc.strerror or exc}")
 
 
 @dataclass(frozen=True)
@@ -135,13 +154,16 @@ class Installer:
 
     def install(self, staged: Path) -> None:
         """Keep the running file as .prev, then rename the staged one over it."""
-        if self.conf.exists():
-            tmp = self.prev.with_name(f".{self.prev.name}.tmp")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(self.conf, tmp)
-            os.replace(tmp, self.prev)
-        os.replace(staged, self.conf)
+        try:
+            if self.conf.exists():
+                tmp = self.prev.with_name(f".{self.prev.name}.tmp")
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                os.link(self.conf, tmp)
+                os.replace(tmp, self.prev)
+            os.replace(staged, self.conf)
+        except OSError as exc:
+            raise _failed("install", self.conf, exc) from exc
         fsync_dir(self.folder)
 
     def restore_previous(self) -> bool:

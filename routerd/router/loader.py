@@ -52,6 +52,8 @@ class _AppKeys:
     instances: list[tuple[str, str, str, KeyValue]] = field(default_factory=list)
 
 
+ROUTING_KINDS = frozenset({"config", "active", "instance"})  # what an app is routed by
+ROUTING_SEGMENTS = frozenset({"config", "active", "releases"})  # as spelled in a key
 DNS_TTL_S = 30.0  # how long a DNS name's verdict holds
 
 
@@ -93,9 +95,9 @@ class Loader:
         built = self._claim_domains(configs, errors)
         table = []
         for name, (config, _) in sorted(built.items()):
-            instances = self._routed_instances(apps[name], errors)
+            instances, registered = self._routed_instances(apps[name], errors)
             tls = tuple(cert_by_domain[d] for d in config.domains if d in cert_by_domain)
-            table.append(App(name, config.domains, config.options, instances, tls))
+            table.append(App(name, config.domains, config.options, instances, tls, registered))
         return RoutingTable(snapshot.revision, tuple(table), tuple(errors))
 
     def update(
@@ -114,16 +116,15 @@ class Loader:
                 if not self._regroup(rel, key, snapshot):
                     return None
                 dirty.add(key.app or "")
-            elif key.kind not in ("history", "lock", "env", "other") or key.app is None:
+            elif key.kind in ROUTING_KINDS or _misshapen(key) or key.app is None:
                 return None  # configs, certs, anything unsure: a full load decides
         errors = [e for e in previous.errors if self._routing_key_of(e.key) not in dirty]
-        apps = [
-            replace(app, instances=self._routed_instances(self._groups[app.name], errors))
-            if app.name in dirty
-            else app
-            for app in previous.apps
-        ]
+        apps = [self._reroute(app, errors) if app.name in dirty else app for app in previous.apps]
         return RoutingTable(snapshot.revision, tuple(apps), tuple(errors), frozenset(dirty))
+
+    def _reroute(self, app: App, errors: list[Rejection]) -> App:
+        instances, registered = self._routed_instances(self._groups[app.name], errors)
+        return replace(app, instances=instances, registered=registered)
 
     def _routing_key_of(self, key: str) -> str | None:
         """The app whose active or instance key this is, else None."""
@@ -170,7 +171,7 @@ class Loader:
         apps: dict[str, _AppKeys],
         errors: list[Rejection],
     ) -> None:
-        if key.kind in ("history", "lock", "env", "weights", "other"):
+        if key.kind not in ROUTING_KINDS and not _misshapen(key):
             return  # the deploy controller's keys are not routing input
         if key.app is None or APP_NAME.fullmatch(key.app) is None:
             errors.append(Rejection(full, f"app name {key.app!r} must match {APP_NAME.pattern}"))
@@ -266,7 +267,10 @@ class Loader:
                 result[name] = (AppConfig(tuple(kept), config.pool, config.options), created)
         return result
 
-    def _routed_instances(self, group: _AppKeys, errors: list[Rejection]) -> tuple[Instance, ...]:
+    def _routed_instances(
+        self, group: _AppKeys, errors: list[Rejection]
+    ) -> tuple[tuple[Instance, ...], tuple[Instance, ...]]:
+        """The instances routed to, and every valid one of any release."""
         active = None
         if group.active is not None:
             key, kv = group.active
@@ -275,17 +279,21 @@ class Loader:
             )
             # Never valid: as if absent, which is what was served before it came.
         found: list[Instance] = []
+        registered: list[Instance] = []
         # Every instance is checked, routed or not, so a deploy sees a bad one
         # of its new release before it switches to it.
         for key, release, name, kv in group.instances:
             instance = self._parse_or_last(
                 key, kv, functools.partial(_instance, key, release, name, kv), errors
             )
-            if instance is None or (active is not None and release != active):
+            if instance is None:
+                continue
+            registered.append(instance)
+            if active is not None and release != active:
                 continue
             if self._resolves(key, instance, errors):
                 found.append(instance)
-        return tuple(sorted(found, key=lambda i: (i.release, i.name)))
+        return tuple(sorted(found, key=_by_name)), tuple(sorted(registered, key=_by_name))
 
     def _resolves(self, key: str, instance: Instance, errors: list[Rejection]) -> bool:
         """A DNS name nginx cannot resolve makes it refuse the whole config:
@@ -301,8 +309,17 @@ class Loader:
         return ok
 
 
+def _by_name(instance: Instance) -> tuple[str, str]:
+    return instance.release, instance.name
+
+
 def _instance(key: str, release: str, name: str, kv: KeyValue) -> Instance:
     for label, value in (("release", release), ("instance", name)):
         ok = RELEASE_NAME.fullmatch(value) is not None
         expect(key, ok, f"{label} name {value!r} must match {RELEASE_NAME.pattern}")
     return parse_instance(key, release, name, kv.value)
+
+
+def _misshapen(key: keys.Key) -> bool:
+    """A key that claims to be routing input but has the wrong shape."""
+    return key.kind == "invalid" and key.name in ROUTING_SEGMENTS

@@ -130,6 +130,13 @@ class Master:
             raise ReloadError("the nginx master vanished before the reload") from exc
         return retiring
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: the master and its workers reopen their log files."""
+        try:
+            os.kill(self.pid(), signal.SIGUSR1)
+        except ProcessLookupError as exc:
+            raise ReloadError("the nginx master vanished before reopening its logs") from exc
+
     def error_log_offset(self) -> int:
         try:
             return self.error_log.stat().st_size

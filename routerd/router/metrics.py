@@ -1,8 +1,11 @@
-"""Prometheus metrics and the small HTTP server for /healthz, /readyz, /metrics.
+"""Prometheus metrics and the small HTTP server for /healthz, /readyz, /metrics
+and /traffic.
 
 The daemon updates the metrics; this module only defines them and serves
 them, with two health answers: healthy while etcd was heard from recently
-(and a supervised nginx runs), ready once a config is live.
+(and a supervised nginx runs), ready once a config is live. ``/traffic?app=``
+answers one app's per-release figures as JSON, from whatever the daemon
+hands in (the per-app counts live in ``routerd.router.traffic``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -72,10 +76,12 @@ class HealthServer:
         *,
         healthy: Callable[[], tuple[bool, str]],
         ready: Callable[[], tuple[bool, str]],
+        traffic: Callable[[str], bytes] | None = None,
     ) -> None:
         self.metrics = metrics
         self.healthy = healthy
         self.ready = ready
+        self.traffic = traffic  # app -> its figures as JSON
         self._server: asyncio.Server | None = None
 
     async def start(self, listen: str) -> None:
@@ -93,8 +99,9 @@ class HealthServer:
         ):
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             parts = request.split(b" ", 2)
-            path = parts[1].decode("ascii", "replace").split("?")[0] if len(parts) > 1 else ""
-            status, content_type, body = self._route(path)
+            target = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
+            path, _, query = target.partition("?")
+            status, content_type, body = self._route(path, query)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -103,9 +110,14 @@ class HealthServer:
             await writer.drain()
         writer.close()
 
-    def _route(self, path: str) -> tuple[str, str, bytes]:
+    def _route(self, path: str, query: str = "") -> tuple[str, str, bytes]:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+        if path == "/traffic" and self.traffic is not None:
+            apps = parse_qs(query).get("app", [])
+            if len(apps) != 1:
+                return "400 Bad Request", "text/plain", b"give one app: /traffic?app=<app>\n"
+            return "200 OK", "application/json", self.traffic(apps[0])
         checks = {"/healthz": self.healthy, "/readyz": self.ready}
         if path not in checks:
             return "404 Not Found", "text/plain", b"not found\n"

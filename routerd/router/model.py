@@ -47,6 +47,8 @@ class Options:
     https_redirect: bool = False
     hsts: bool = False
     maintenance: bool = False
+    access_log: bool = True
+    gzip: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class App:
     options: Options
     instances: tuple[Instance, ...]
     tls: tuple[Cert, ...] = ()
+    # Every valid instance of every release, routed or not: a request still in
+    # flight to a release that was switched away from is counted for it.
+    registered: tuple[Instance, ...] = ()
 
     @functools.cached_property
     def addresses(self) -> str:
@@ -147,9 +152,12 @@ def parse_cidr(key: str, value: Any) -> str:
     # ipaddress accepts an IPv6 scope id ("fe80::1%eth0") holding almost any byte
     expect(key, "%" not in value, f"allow entry {value!r} must not carry a scope id")
     try:
-        return str(ipaddress.ip_network(value, strict=False))
+        network = str(ipaddress.ip_network(value, strict=False))
     except ValueError as exc:
         raise InvalidValue(key, f"allow entry {value!r} is not an address or CIDR") from exc
+    # nginx reads 255.255.255.255 as its "no address" value and refuses the whole config
+    expect(key, network != "255.255.255.255/32", f"allow entry {value!r}: nginx cannot allow it")
+    return network
 
 
 def _parse_timeout(key: str, name: str, value: Any) -> int:
@@ -185,6 +193,8 @@ OPTION_PARSERS: dict[str, Callable[[str, str, Any], Any]] = {
     "https_redirect": _parse_bool,
     "hsts": _parse_bool,
     "maintenance": _parse_bool,
+    "access_log": _parse_bool,
+    "gzip": _parse_bool,
 }
 
 

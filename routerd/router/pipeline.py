@@ -26,6 +26,7 @@ from routerd import keys
 from routerd.errors import (
     ConfigError,
     Held,
+    InstallError,
     NginxNotRunning,
     ReloadError,
     RenderError,
@@ -100,6 +101,8 @@ def layout_of(settings: Settings, lua: Lua | None = None) -> Layout:
         runtime_dir=str(nginx.runtime_dir),
         pid_file=str(nginx.pid_path),
         lua=lua,
+        edge=nginx.edge,
+        traffic_log=None if nginx.traffic_log is None else str(nginx.traffic_log),
     )
 
 
@@ -381,7 +384,7 @@ class Router:
         if self.backends is not None:  # the failed generation loaded the candidate's table
             try:
                 await self.backends.restore(table.revision)
-            except (ReloadError, OSError) as failed:
+            except (ReloadError, InstallError, OSError) as failed:
                 log(logger, "backend restore failed", logging.WARNING, error=str(failed))
         self.metrics.rollbacks.inc()  # counted once the previous state is back
         log(logger, "rolled back", logging.ERROR, revision=table.revision, error=str(exc))

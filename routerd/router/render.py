@@ -14,7 +14,7 @@ import functools
 import hashlib
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import jinja2
 
 from routerd.errors import RenderError
 from routerd.router.model import App, Cert, Options, RoutingTable
+from routerd.router.settings import Edge
 
 SHARDS = 256
 MAIN_TEMPLATE = "nginx.conf.j2"
@@ -104,6 +105,21 @@ class Layout:
     runtime_dir: str
     pid_file: str
     lua: Lua | None = None
+    edge: Edge = field(default_factory=Edge)
+    traffic_log: str | None = None  # where nginx writes the lines routerd reads
+
+    @property
+    def listen_options(self) -> dict[str, str]:
+        """What follows the address on the HTTP and HTTPS listeners."""
+        proxy = " proxy_protocol" if self.edge.proxy_protocol else ""
+        http2 = " http2" if self.edge.http2 else ""
+        return {"http_options": proxy, "https_options": f" ssl{http2}{proxy}"}
+
+    @property
+    def https_port(self) -> str:
+        """The port part of a redirect to HTTPS: empty for 443."""
+        port = self.https_listen.rpartition(":")[2]
+        return "" if port == "443" else f":{port}"
 
 
 class Renderer:
@@ -201,11 +217,10 @@ class Renderer:
         return text
 
     def _listens(self) -> dict[str, str]:
-        port = self.layout.https_listen.rpartition(":")[2]
         return {
             "http_listen": self.layout.http_listen,
             "https_listen": self.layout.https_listen,
-            "https_port": "" if port == "443" else f":{port}",
+            **self.layout.listen_options,
         }
 
     def _main_context(self, table: RoutingTable) -> dict[str, Any]:
@@ -213,6 +228,10 @@ class Renderer:
         return {
             "layout": self.layout,
             "lua": self.layout.lua,
+            "edge": self.layout.edge,
+            "traffic_log": self.layout.traffic_log,
+            "https_port": self.layout.https_port,
+            **self.layout.listen_options,
             "tls": any(app.tls for app in table.apps),
             "apps": len(table.apps),
             "server_names_hash_bucket_size": _bucket_size(longest),

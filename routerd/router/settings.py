@@ -13,6 +13,19 @@ from pathlib import Path
 from routerd.settings import EtcdSettings
 
 PACKAGE_TEMPLATES = Path(__file__).parent.parent / "templates" / "nginx"
+TRAFFIC_LOG = "traffic.log"  # nginx's per-request lines, in the runtime folder
+
+
+@dataclass(frozen=True)
+class Edge:
+    """How the listeners meet the balancer in front of them, and whether nginx
+    writes the per-request lines routerd counts and logs."""
+
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ()  # validated CIDRs
+    http2: bool = True
+    keepalive_timeout: int = 75
+    traffic_log: bool = True
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,7 @@ class NginxSettings:
     templates: Path = PACKAGE_TEMPLATES
     reload_timeout: float = 15.0
     keep_failed: int = 5
+    edge: Edge = Edge()
 
     @property
     def state_dir(self) -> Path:
@@ -38,6 +52,11 @@ class NginxSettings:
     def pid_path(self) -> Path:
         """Where the master writes its pid: the sidecar's file, else the runtime folder."""
         return self.pid_file if self.pid_file is not None else self.runtime_dir / "nginx.pid"
+
+    @property
+    def traffic_log(self) -> Path | None:
+        """Where nginx writes one line per request for routerd, or None when off."""
+        return self.runtime_dir / TRAFFIC_LOG if self.edge.traffic_log else None
 
 
 @dataclass(frozen=True)
@@ -54,3 +73,7 @@ class Settings:
     resync_interval: float = 60.0
     stale_after: float = 30.0
     status_ttl: int = 10
+    metrics_advertise: str = "127.0.0.1:9145"  # where other programs reach metrics_listen
+    access_log: str = "off"  # "off", "stdout" or an absolute file path
+    access_log_format: str = "json"
+    traffic_metrics: bool = True

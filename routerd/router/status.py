@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from routerd import keys
-from routerd.errors import StoreError
+from routerd.errors import RouterdError, StoreError
 from routerd.logs import log
 from routerd.router.metrics import Metrics
 from routerd.router.pipeline import GOOD, Result
@@ -25,6 +25,7 @@ from routerd.routerstatus import Rejection, RouterStatus
 from routerd.store import Store
 
 logger = logging.getLogger("routerd.status")
+WITHDRAW_S = 2.0
 
 
 class StatusWriter:
@@ -77,20 +78,26 @@ class StatusWriter:
         self._refreshed = time.monotonic()
 
     async def withdraw(self) -> None:
-        """On a clean stop: revoke the lease so the router disappears at once."""
+        """On a clean stop: revoke the lease so the router disappears at once. Only
+        briefly: with etcd unreachable the lease expires by itself, and a stop must
+        not wait out the store's retries."""
         if self._lease is not None:
-            with contextlib.suppress(StoreError):
-                await self.store.revoke(self._lease)
+            with contextlib.suppress(StoreError, TimeoutError):
+                async with asyncio.timeout(WITHDRAW_S):
+                    await self.store.revoke(self._lease)
 
 
 class Reporter:
     """Metrics, rejection log lines and the status key, from each apply's outcome."""
 
-    def __init__(self, metrics: Metrics, writer: StatusWriter, *, pool: str, conf: str) -> None:
+    def __init__(
+        self, metrics: Metrics, writer: StatusWriter, *, pool: str, conf: str, advertise: str
+    ) -> None:
         self.metrics = metrics
         self.writer = writer
         self.pool = pool
         self.conf = conf
+        self.advertise = advertise
         self._seen: set[Rejection] = set()
 
     def applied(self, revision: int, result: Result, served: str | None) -> None:
@@ -105,9 +112,10 @@ class Reporter:
 
     def failed(self, revision: int, exc: BaseException, served: str | None) -> None:
         """An apply raised (a full disk, a bug): the router keeps serving and says so."""
-        log(logger, "apply failed", logging.ERROR, revision=revision, error=repr(exc))
+        detail = str(exc) if isinstance(exc, RouterdError) else repr(exc)  # ours name the cause
+        log(logger, "apply failed", logging.ERROR, revision=revision, error=detail)
         logger.debug("apply failed", exc_info=exc)
-        error = Rejection(self.conf, f"apply failed: {exc!r}")
+        error = Rejection(self.conf, f"apply failed (retrying): {detail}")
         self._rejections(revision, [error])
         self._status(revision, served, None, [error])
 
@@ -121,6 +129,7 @@ class Reporter:
                 pool=self.pool,
                 apps=apps,
                 errors=tuple(errors),
+                metrics=self.advertise,
             )
         )
 

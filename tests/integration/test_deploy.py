@@ -11,32 +11,32 @@ app name, so tests never see each other's containers.
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
 import json
 import secrets
 import signal
-import threading
 import time
 from typing import Any
 
 import pytest
-import requests
 from deploy_helpers import (
     IMAGE,
     Deploy,
     DockerFaults,
+    Load,
     app_containers,
     build_image,
     deploy_args,
     docker_client,
     docker_socket,
+    release_of,
     remove_app_containers,
     revoke_lease_of,
     run,
+    served,
 )
 from helpers import PREFIX, active_key, app_config, config_key, metric_sum, wait_for
 
+from routerd.deploy.engines import Engines
 from routerd.deploy.inventory import collect_garbage
 from routerd.deploy.runtime import DockerRuntime
 from routerd.settings import EtcdSettings, parse_endpoints
@@ -76,22 +76,6 @@ def deploy(etcd: Any, app: str, *, expect: int = 0, **kwargs: Any) -> Deploy:
     done = run(etcd.endpoint, "deploy", *deploy_args(app, **kwargs))
     assert done.proc.returncode == expect, done.output
     return done
-
-
-def release_of(done: Deploy) -> str:
-    """The release a deploy made, from its first progress line."""
-    line = next(line for line in done.lines if line.startswith("[1/6] start:"))
-    return line.split(" of ", 1)[1].split()[1]
-
-
-def served(router: Any, app: str, count: int = 8) -> collections.Counter[str]:
-    """Which releases answered ``count`` requests for the app (body: app release message)."""
-    seen: collections.Counter[str] = collections.Counter()
-    for _ in range(count):
-        answer = router.http(f"{app}.test")
-        assert answer.status_code == 200, (answer.status_code, answer.text)
-        seen[answer.text.split()[1]] += 1
-    return seen
 
 
 def keys(etcd: Any, app: str) -> dict[str, str]:
@@ -144,7 +128,7 @@ def test_first_deploy_serves_the_new_release(etcd, routerd, docker, app):
     stored = keys(etcd, app)
     assert stored["active"] == release
     assert len([k for k in stored if k.startswith(f"releases/{release}/")]) == 2
-    assert json.loads(stored[f"history/{release}"])["image"] == "routerd-test-app:1"
+    assert json.loads(stored[f"history/{release}"])["image"] == IMAGE
     assert "lock" not in stored
 
 
@@ -328,7 +312,7 @@ def test_a_crashed_deploy_expires_its_lock_and_gc_cleans_up(etcd, routerd, docke
     crashed.wait()
     router.thaw()
     orphan = docker.containers.create(
-        "routerd-test-app:1", labels={"routerd.app": app, "routerd.release": "unknown"}
+        IMAGE, labels={"routerd.app": app, "routerd.release": "unknown"}
     )
 
     refused = run(etcd.endpoint, "deploy", *deploy_args(app))
@@ -424,6 +408,25 @@ def test_rollback_refuses_a_history_record_that_fails_validation(etcd, docker, a
     assert served(router, app) == {second: 8}
 
 
+def test_scale_without_hosts_uses_the_one_engine(etcd, docker, app, live):
+    """With no hosts registered, ``routerd scale`` adds containers of the active
+    release on the local engine and takes the newest out again; the router
+    serves throughout and the history record keeps the count."""
+    router, first = live
+    up = run(etcd.endpoint, "scale", app, "3", "--drain", "0.5", "--stop-timeout", "5")
+    assert up.proc.returncode == 0, up.output
+    assert len([k for k in keys(etcd, app) if k.startswith(f"releases/{first}/")]) == 3
+    names = sorted(c.name for c in app_containers(docker, app))
+    assert names == [f"routerd-{app}-{first}-{n}" for n in range(3)]
+    assert json.loads(keys(etcd, app)[f"history/{first}"])["replicas"] == 3
+
+    down = run(etcd.endpoint, "scale", app, "1", "--drain", "0.5", "--stop-timeout", "5")
+    assert down.proc.returncode == 0, down.output
+    assert [c.name for c in app_containers(docker, app)] == [f"routerd-{app}-{first}-0"]
+    assert len([k for k in keys(etcd, app) if k.startswith(f"releases/{first}/")]) == 1
+    assert served(router, app) == {first: 8}
+
+
 # ---------------------------------------------------------------- gc
 
 
@@ -453,7 +456,8 @@ async def _gc(etcd: Any, app: str, say: Any, **options: Any) -> int:
     settings = EtcdSettings(endpoints=parse_endpoints("--etcd", etcd.endpoint), prefix=PREFIX)
     store = Store(settings)
     try:
-        return await collect_garbage(store, DockerRuntime(), app=app, say=say, **options)
+        engines = Engines.local(DockerRuntime())
+        return await collect_garbage(store, engines, app=app, say=say, **options)
     finally:
         await store.close()
 
@@ -480,43 +484,6 @@ def test_gc_goes_on_past_a_container_it_cannot_remove(etcd, docker, app, faults)
 
 
 # ---------------------------------------------------------------- zero downtime
-
-
-class Load:
-    """Threads sending requests through nginx, a new connection each, counting failures."""
-
-    def __init__(self, router: Any, host: str, threads: int = 4) -> None:
-        self.url = f"http://127.0.0.1:{router.http_port}/"
-        self.host = host
-        self.stop = threading.Event()
-        self.ok: collections.Counter[str] = collections.Counter()
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        for _ in itertools.count():
-            if self.stop.is_set():
-                return
-            try:
-                answer = requests.get(
-                    self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5
-                )
-                if answer.status_code == 200:
-                    self.ok[answer.text.split()[1]] += 1
-                else:
-                    self.failures.append(f"HTTP {answer.status_code}")
-            except requests.RequestException as exc:
-                self.failures.append(type(exc).__name__)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
 
 
 def test_no_request_fails_during_deploys_and_a_rollback(etcd, docker, app, live):

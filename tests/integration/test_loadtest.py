@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Backend, app_keys, free_ports, in_ci
+from helpers import REPO, Backend, app_keys, free_ports, in_ci, wait_for
 
 pytestmark = pytest.mark.integration
 USERS = 6
@@ -31,9 +31,9 @@ def test_the_cluster_counts_every_request_and_calls_a_misroute_a_failure(
     etcd, routerd, tmp_path: Path
 ):
     """Master + 2 workers for a few seconds: the summary parses, every request the
-    report counts reached an app (the backends saw the same number, give or take
-    the requests in flight at the stop), and the host routed to the wrong app on
-    purpose fails as a misroute while the others do not fail at all."""
+    report counts is one nginx's access log saw (and the backends answered), give
+    or take the requests in flight at the stop, and the host routed to the wrong
+    app on purpose fails as a misroute while the others do not fail at all."""
     locust_or_fail()
     shop, blog = Backend("shop"), Backend("blog")
     try:
@@ -67,11 +67,25 @@ def test_the_cluster_counts_every_request_and_calls_a_misroute_a_failure(
     seen = shop.hits + blog.hits
     assert summary["requests"] > 100, summary
     assert summary["requests"] <= seen <= summary["requests"] + USERS, (summary, seen)
+    hosts = {"shop.example.com", "blog.example.com", "wrong.example.com"}
+    logged = wait_for(
+        lambda: (n := access_log_count(router.workdir / "access.log", hosts)) >= seen and n,
+        timeout=10,
+        message="the access log to hold every request",
+    )
+    assert logged == seen, (logged, seen)
     assert set(summary["failures"]) == {"misroute"}, summary["failures"]
     by_name = failures_by_name(f"{prefix}_stats.csv")
     assert by_name["wrong"] == by_name["wrong requests"] > 0
     assert by_name["shop"] == by_name["blog"] == 0
     assert Path(f"{prefix}.html").stat().st_size > 0
+
+
+def access_log_count(path: Path, hosts: set[str]) -> int:
+    """Lines of routerd's JSON access log for these hosts (each line must parse)."""
+    if not path.exists():
+        return 0
+    return sum(json.loads(line)["host"] in hosts for line in path.read_text().splitlines())
 
 
 def failures_by_name(stats_csv: str) -> dict[str, int]:

@@ -29,8 +29,8 @@ def test_template_edits_go_live_and_a_broken_one_keeps_the_last_config(
     app_template = templates / "app.conf.j2"
     original = app_template.read_text()
     edited = original.replace(
-        "server {\n    listen {{ http_listen | q }};\n",
-        "server {\n    listen {{ http_listen | q }};\n" + MARKER,
+        "server {\n    listen {{ http_listen | q }}{{ http_options }};\n",
+        "server {\n    listen {{ http_listen | q }}{{ http_options }};\n" + MARKER,
         1,
     )
     assert edited != original, "the template no longer has the line this test edits after"

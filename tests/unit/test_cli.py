@@ -92,3 +92,78 @@ def test_version_and_help_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert __version__ in capsys.readouterr().out
     assert main(["run", "--help"]) == 0
     assert "ROUTERD_NGINX_CONF" in capsys.readouterr().out
+
+
+# Found by fuzzing `apps set`: a value the router refuses exited 1 naming the etcd key,
+# after connecting to etcd; it is the flag's fault, refused before etcd is asked.
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--domain", "*"], "--domain"),
+        (["--domain", "Shop.example.com"], "--domain"),
+        (["--domain", "a.example.com", "--pool", "High"], "--pool"),
+        (["--domain", "a.example.com", "--option", "websockets=yes"], "--option"),
+        (["--domain", "a.example.com", "--option", "proxy_read_timeout=0"], "--option"),
+        (["--domain", "a.example.com", "--option", "allow=10.0.0.0/8;x"], "--option"),
+        (["--domain", "a.example.com", "--option", "client_max_body_size=1mb"], "--option"),
+    ],
+)
+def test_apps_set_refuses_a_bad_value_naming_its_flag(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """`apps set` with a value the router's rules refuse exits 2 naming the flag, without
+    reaching etcd (none listens at the endpoint given)."""
+    code = main(["apps", "set", "shop", *argv, "--etcd", "http://127.0.0.1:1"])
+    assert code == EXIT_USAGE
+    assert f"routerd: {flag}: " in capsys.readouterr().err
+
+
+def test_edge_flags_become_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Trusted proxies are normalised CIDRs, the access log defaults to the runtime
+    folder, HTTP/2 and the keepalive timeout come from the environment, and the
+    metrics address advertised replaces a wildcard host with loopback."""
+    from routerd.router.commands import run_settings
+
+    env = {"ROUTERD_HTTP2": "false", "ROUTERD_KEEPALIVE_TIMEOUT": "120"}
+    argv = ["run", "--nginx-conf", str(tmp_path / "nginx.conf"), "--supervise",
+            "--trusted-proxies", "10.0.0.1, 2001:db8::/32,10.0.0.1/32", "--proxy-protocol",
+            "--metrics-listen", "0.0.0.0:9145", "--access-log-format", "heroku"]  # fmt: skip
+    settings = run_settings(parse(monkeypatch, env, argv))
+    edge = settings.nginx.edge
+    assert edge.trusted_proxies == ("10.0.0.1/32", "2001:db8::/32")
+    assert edge.proxy_protocol and not edge.http2 and edge.keepalive_timeout == 120
+    assert settings.access_log == str(tmp_path / "access.log")
+    assert settings.access_log_format == "heroku"
+    assert settings.metrics_advertise == "127.0.0.1:9145"
+    assert settings.nginx.traffic_log == tmp_path / "traffic.log"
+
+
+def test_with_logs_and_metrics_off_nginx_logs_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--access-log off with --no-traffic-metrics: no traffic file for nginx to write."""
+    from routerd.router.commands import run_settings
+
+    argv = ["run", "--nginx-conf", str(tmp_path / "nginx.conf"), "--supervise",
+            "--access-log", "off", "--no-traffic-metrics"]  # fmt: skip
+    settings = run_settings(parse(monkeypatch, {}, argv))
+    assert settings.nginx.traffic_log is None and settings.access_log == "off"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--trusted-proxies", "10.0.0.0/8,fe80::1%eth0"], "--trusted-proxies"),
+        (["--trusted-proxies", "proxy.internal"], "--trusted-proxies"),
+        (["--proxy-protocol"], "--trusted-proxies"),
+        (["--access-log", "/no/such/folder/access.log"], "--access-log"),
+        (["--keepalive-timeout", "3601"], "--keepalive-timeout"),
+    ],
+)
+def test_bad_edge_flags_exit_2_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], flag: str
+) -> None:
+    """Each bad edge flag is a usage error that names it."""
+    base = ["run", "--nginx-conf", str(tmp_path / "nginx.conf"), "--supervise"]
+    assert main(base + args) == EXIT_USAGE
+    assert flag in capsys.readouterr().err

@@ -13,6 +13,7 @@ import docker.errors
 import pytest
 import requests
 
+from routerd.deploy.engines import Engines
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.releases import Release, ReleaseSpec
 from routerd.deploy.runtime import Container, ContainerSpec, DockerRuntime
@@ -168,7 +169,8 @@ OPTIONS = DeployOptions(router_timeout=0.2, rollback_timeout=0.5)
 
 def undo(store: Store, journal: Journal) -> tuple[list[str], Runtime, list[str]]:
     runtime, said = Runtime(), list[str]()
-    left = asyncio.run(Undo(store, runtime, OPTIONS, said.append).run(PLAN, journal))  # type: ignore[arg-type]
+    engines = Engines.local(runtime)  # type: ignore[arg-type]
+    left = asyncio.run(Undo(store, engines, OPTIONS, said.append).run(PLAN, journal))  # type: ignore[arg-type]
     return left, runtime, said
 
 

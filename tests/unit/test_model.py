@@ -180,8 +180,8 @@ def _config_rows() -> list[Any]:
         _row(CONFIG, cfg(domains=domains, tls=True), "unknown field(s): 'tls'", "unknown-field"),
         _row(
             CONFIG,
-            cfg(domains=domains, options={"gzip": True}),
-            "unknown option(s): 'gzip'",
+            cfg(domains=domains, options={"brotli": True}),
+            "unknown option(s): 'brotli'",
             "unknown-option",
         ),
         _row(CONFIG, cfg(domains=domains, options=[]), "options must be an object", "options-list"),

@@ -27,13 +27,19 @@ from routerd.router.render import (
     Renderer,
     q,
 )
+from routerd.router.settings import Edge
 from routerd.store import KeyValue, Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates" / "nginx"
 GOLDEN = ROOT / "tests" / "golden"
 LAYOUT = Layout(
-    "127.0.0.1:8080", "127.0.0.1:8443", "127.0.0.1:18081", "/run/routerd", "/run/routerd/nginx.pid"
+    "127.0.0.1:8080",
+    "127.0.0.1:8443",
+    "127.0.0.1:18081",
+    "/run/routerd",
+    "/run/routerd/nginx.pid",
+    traffic_log="/run/routerd/traffic.log",
 )
 # Dynamic backends, as Debian's nginx with libnginx-mod-http-lua gets them.
 LUA = Lua(
@@ -46,7 +52,25 @@ LUA = Lua(
     socket="/run/routerd/private/backends.sock",
     source_sha256="5" * 64,
 )
-LAYOUTS = {"dynamic": dataclasses.replace(LAYOUT, lua=LUA)}
+LAYOUTS = {
+    "dynamic": dataclasses.replace(LAYOUT, lua=LUA),
+    # Behind an HTTP balancer that terminates TLS and sets X-Forwarded-*.
+    "edge_forwarded": dataclasses.replace(
+        LAYOUT, edge=Edge(trusted_proxies=("10.0.0.0/8", "2001:db8::/32"))
+    ),
+    # Behind a TCP balancer speaking the PROXY protocol; no log, no HTTP/2.
+    "edge_proxy_protocol": dataclasses.replace(
+        LAYOUT,
+        edge=Edge(
+            proxy_protocol=True,
+            trusted_proxies=("10.0.0.0/8",),
+            http2=False,
+            keepalive_timeout=120,
+            traffic_log=False,
+        ),
+        traffic_log=None,
+    ),
+}
 UPDATE = os.environ.get("ROUTERD_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.parent.name for p in GOLDEN.glob("*/input.json"))
 EXPECTED_CASES = [
@@ -54,6 +78,8 @@ EXPECTED_CASES = [
     "allow_list",
     "basic",
     "dynamic",
+    "edge_forwarded",
+    "edge_proxy_protocol",
     "empty",
     "https",
     "maintenance",

@@ -1,92 +1,153 @@
 -- routerd's balancer: instance lists in a shared dict, applied without a reload.
 --
 -- routerd pushes "<app> <host:port>,<host:port>..." lines to push() over a
--- unix socket only it can reach; every line is validated again here. The
+-- unix socket only it can reach; every line is validated again here, to the
+-- forms routerd itself writes, and a body is applied whole or not at all. The
 -- same table is kept in a file that init() loads when nginx starts or
 -- reloads, so a new generation never serves without backends. route() runs
 -- in the access phase (503 when an app has no instance), balance() in the
 -- balancer phase: round robin, moving on to the next instance on failure.
 
 local balancer = require("ngx.balancer")
+local ffi = require("ffi")
 
 local _M = {}
 local DICT = "routerd_backends"
-local APP = "^[a-z0-9][a-z0-9-]*$"
 local MAX_TRIES = 3
+local AF_INET, AF_INET6 = 2, 10 -- Linux's numbers
+
+-- inet_pton, the C library's own parser, decides what an address is.
+pcall(ffi.cdef, "int inet_pton(int af, const char *src, void *dst);")
+local address = ffi.new("unsigned char[16]")
 
 local parsed = {} -- per worker: app -> { raw = "...", peers = { {host, port}, ... } }
 local next_index = {} -- per worker: app -> round-robin position
 
-local function parse_peer(text)
-    local a, b, c, d, port = text:match("^(%d+)%.(%d+)%.(%d+)%.(%d+):(%d+)$")
-    local host
-    if a then
-        for _, octet in ipairs({ a, b, c, d }) do
-            if tonumber(octet) > 255 then
-                return nil
-            end
-        end
-        host = a .. "." .. b .. "." .. c .. "." .. d
-    else
-        host, port = text:match("^(%[[%x:%.]+%]):(%d+)$")
-    end
-    port = tonumber(port)
-    if not host or not port or port < 1 or port > 65535 then
-        return nil
-    end
-    return { host, port }
+local function is_address(family, text)
+    return ffi.C.inet_pton(family, text, address) == 1
 end
 
+-- Only the forms routerd writes: IPv4 in dotted quads without leading zeros
+-- (inet_pton refuses them too), [IPv6], and a port 1..65535 without leading zeros.
+local function parse_peer(text)
+    local host, port = text:match("^(%d+%.%d+%.%d+%.%d+):(%d+)$")
+    if host then
+        if not is_address(AF_INET, host) then
+            return nil
+        end
+    else
+        local inner
+        inner, port = text:match("^%[([%x:%.]+)%]:(%d+)$")
+        if not inner or not is_address(AF_INET6, inner) then
+            return nil
+        end
+        host = "[" .. inner .. "]"
+    end
+    if port:sub(1, 1) == "0" or #port > 5 or tonumber(port) > 65535 then
+        return nil
+    end
+    return { host, tonumber(port) }
+end
+
+-- "" is no instance; otherwise host:port items, none of them empty.
 local function parse_peers(raw)
     local peers = {}
-    for item in raw:gmatch("[^,]+") do
+    if raw == "" then
+        return peers
+    end
+    for item in (raw .. ","):gmatch("([^,]*),") do
         local peer = parse_peer(item)
         if not peer then
-            return nil, "bad instance " .. item
+            return nil, "bad instance " .. item:sub(1, 80)
         end
         peers[#peers + 1] = peer
     end
     return peers
 end
 
--- Validate every line first; apply only a body that is valid as a whole.
-local function apply(body)
-    local dict = ngx.shared[DICT]
-    local head = body:match("^([^\n]*)") or ""
-    local revision, mode = head:match("^revision (%d+)(.*)$")
-    if not revision or (mode ~= "" and mode ~= " full") then
+local function is_app(name)
+    return #name <= 63 and name:sub(-1) ~= "-" and name:match("^[a-z0-9][a-z0-9-]*$") ~= nil
+end
+
+-- "revision <n>[ full]" then "<app> <instances>" lines, one "\n" after each:
+-- exactly what routerd writes. The revision, whether it is the whole table,
+-- and app -> instances; or nil and the first fault. A revision has at most 14
+-- digits: Lua prints a larger number as 1e+14, which routerd could not read back.
+local function parse_body(body)
+    local lines = {}
+    local text = body:sub(-1) == "\n" and body or body .. "\n"
+    for line in text:gmatch("([^\n]*)\n") do
+        lines[#lines + 1] = line
+    end
+    local revision, mode = (lines[1] or ""):match("^revision (%d+)(.*)$")
+    local whole = revision and (revision == "0" or revision:sub(1, 1) ~= "0") and #revision <= 14
+    if not whole or (mode ~= "" and mode ~= " full") then
         return nil, "first line must be 'revision <n> [full]'"
     end
-    local full = mode == " full"
     local entries = {}
-    for line in body:gmatch("[^\n]+") do
-        local app, raw = line:match("^(%S+) ?(%S*)$")
-        if line ~= head then
-            if not app or #app > 63 or not app:match(APP) then
-                return nil, "bad line " .. line:sub(1, 80)
-            end
-            local peers, err = parse_peers(raw)
-            if not peers then
-                return nil, app .. ": " .. err
-            end
-            entries[app] = raw
+    for index = 2, #lines do
+        local app, raw = lines[index]:match("^(%S+) (%S*)$")
+        if not app or not is_app(app) then
+            return nil, "bad line " .. lines[index]:sub(1, 80)
         end
+        local peers, err = parse_peers(raw)
+        if not peers then
+            return nil, app .. ": " .. err
+        end
+        entries[app] = raw
+    end
+    return tonumber(revision), mode == " full", entries
+end
+
+-- Put back what ``saved`` holds (key -> old value, false: absent), freeing first.
+local function undo(dict, saved)
+    for key, old in pairs(saved) do
+        if old == false then
+            dict:delete(key)
+        end
+    end
+    for key, old in pairs(saved) do
+        if old ~= false then
+            dict:safe_set(key, old)
+        end
+    end
+end
+
+-- Validate the whole body first, then apply all of it or, should the dict run
+-- out of room half way, none of it.
+local function apply(body)
+    local revision, full, entries = parse_body(body)
+    if not revision then
+        return nil, full
+    end
+    local dict = ngx.shared[DICT]
+    local saved = {}
+    local function change(key, value)
+        if saved[key] == nil then
+            saved[key] = dict:get(key) or false
+        end
+        if value == nil then
+            dict:delete(key)
+            return true
+        end
+        return dict:safe_set(key, value)
     end
     if full then
         for _, key in ipairs(dict:get_keys(0)) do
             if key:sub(1, 4) == "app:" and not entries[key:sub(5)] then
-                dict:delete(key)
+                change(key, nil)
             end
         end
     end
     for app, raw in pairs(entries) do
-        local ok, err = dict:safe_set("app:" .. app, raw)
+        local ok, err = change("app:" .. app, raw)
         if not ok then
+            undo(dict, saved)
             return nil, "shared dict " .. DICT .. ": " .. err
         end
     end
-    dict:set("revision", tonumber(revision))
-    return tonumber(revision)
+    dict:set("revision", revision)
+    return revision
 end
 
 function _M.init(path)
