@@ -4,7 +4,8 @@ The request is ``apps/<app>/abort``, holding the token of the deploy lock
 it is meant for, on a lease that outlives the asking side's wait (a
 request nobody answers expires by itself). A canary deploy watches for it
 through every wait of its steps (``unless_aborted``) and, seeing its own
-lock's token, fails the step, so it rolls back as on any failure; a request
+lock's token, fails the step, so it rolls back as on any failure (it also
+looks before each step writes its weights); a request
 holding another lock's token (meant for a deploy since finished) is
 ignored. The asking side waits until the lock is released, withdraws the
 request, and says what serves. Routers never read the key.
@@ -33,21 +34,26 @@ T = TypeVar("T")
 # ---------------------------------------------------------- the deploy's side
 
 
-async def requested(store: Store, lock: Lock) -> str:
-    """Who asked, once ``apps/<app>/abort`` holds ``lock``'s token (etcd errors: ask again)."""
-    while True:
-        with contextlib.suppress(StoreError):
-            raw = await store.get(keys.abort(lock.app))
-            request = read_holder(raw) if raw else {}
-            if request.get("token") == lock.secret:
-                return str(request.get("by", "someone"))
-        await asyncio.sleep(POLL_S)
+async def asked(store: Store, lock: Lock) -> str | None:
+    """Who asked to abort ``lock``'s deploy, or None (also when etcd does not answer)."""
+    try:
+        raw = await store.get(keys.abort(lock.app))
+    except StoreError:
+        return None
+    request = read_holder(raw) if raw else {}
+    return str(request.get("by", "someone")) if request.get("token") == lock.secret else None
+
+
+async def check(store: Store, lock: Lock) -> None:
+    """DeployError if an abort of ``lock``'s deploy was asked for."""
+    if (who := await asked(store, lock)) is not None:
+        raise DeployError(_aborted(who))
 
 
 async def unless_aborted(store: Store, lock: Lock, work: Awaitable[T]) -> T:
     """``work``'s result; DeployError as soon as an abort of ``lock``'s deploy is asked for."""
     job = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(requested(store, lock))
+    watch = asyncio.ensure_future(_requested(store, lock))
     try:
         await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this task is cancelled (Ctrl-C): neither may outlive it
@@ -56,7 +62,19 @@ async def unless_aborted(store: Store, lock: Lock, work: Awaitable[T]) -> T:
         await asyncio.gather(job, watch, return_exceptions=True)
     if not job.cancelled():
         return job.result()  # its own error, if it failed
-    raise DeployError(f"aborted by {watch.result()} (routerd deploy --abort)")
+    raise DeployError(_aborted(watch.result()))
+
+
+async def _requested(store: Store, lock: Lock) -> str:
+    """Who asked, once someone did: etcd is polled, as the request comes from elsewhere."""
+    while True:
+        if (who := await asked(store, lock)) is not None:
+            return who
+        await asyncio.sleep(POLL_S)
+
+
+def _aborted(who: str) -> str:
+    return f"aborted by {who} (routerd deploy --abort)"
 
 
 # -------------------------------------------------------- the asking side

@@ -28,7 +28,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 from routerd import keys
-from routerd.deploy import routers
+from routerd.deploy import abort, routers
 from routerd.deploy.abort import unless_aborted
 from routerd.deploy.canary import (
     WATCHES,
@@ -92,6 +92,7 @@ class CanarySteps:
     async def step(self, plan: Plan, lock: Lock, journal: Journal, percent: int) -> None:
         new, old = plan.release.name, plan.active or ""
         value = weights_value(plan, percent)
+        await abort.check(self.store, lock)  # asked for while nothing was watching
         revision = await self._write(plan, lock, journal, value)
         reports = await unless_aborted(self.store, lock, self._wait_routers(plan, revision))
         interval = self.canary.interval

@@ -174,6 +174,22 @@ def test_abort_rolls_back_a_running_canary(etcd, docker, app, live):
     assert_rolled_back(etcd, docker, router, app, old)
 
 
+def test_an_abort_asked_for_before_the_steps_stops_them_before_any_weights(etcd, docker, app, live):
+    """An abort that arrives while the new containers are still starting is seen before
+    the first step: no weights are ever written, and the canary rolls back."""
+    router, old = live
+    done = canary(etcd, app, "--canary", "10", *QUICK, DELAY="3")
+    done.wait_line("[1/6] start:")
+
+    aborted = run(etcd.endpoint, "deploy", app, "--abort")
+
+    assert aborted.proc.returncode == 0, aborted.output
+    assert done.wait() == 1, done.output
+    assert "failed at step 5 (canary): aborted by" in done.output
+    assert not any("weights" in line for line in done.lines), done.output
+    assert_rolled_back(etcd, docker, router, app, old)
+
+
 def test_abort_without_a_canary_is_refused(etcd, docker, app):
     """--abort with no deploy running, or with a deploy that is no canary, exits 1 and
     says why, writing no abort request."""
