@@ -10,9 +10,10 @@ a thread of its own, going round the apps, and from a keep-alive client
 beside it, counted apart. A schedule drawn from ``--seed`` injects one fault
 at a time, with a few quiet seconds between two:
 
-    etcd       SIGKILL a member (the leader, every other time), restarted 1-8 s later
-    router     SIGKILL a routerd (its nginx goes on serving), restarted 0.5-4 s
-               later (a supervisor's restart): it takes that nginx over
+    etcd       SIGKILL a member (the leader half the time), restarted 1-8 s later
+    routerd    SIGKILL a routerd (its nginx goes on serving), restarted 0.5-4 s
+               later, within its status lease (a supervisor's restart): it takes
+               that nginx over
     nginx      SIGKILL a router's nginx master: its routerd starts another
     container  SIGKILL a container's init (a crash): the engine restarts it
 
@@ -21,7 +22,8 @@ given 20 s to settle: a container restarting, a lock not yet expired); at the
 end everything is healed and every app is checked again and given to
 ``routerd gc --dry-run``. Prints the seed and the faults as they happened;
 deploys done, rolled back and failed; requests and failures per router, each
-failure's time beside the fault in force (or the one that ended last); which
+failure's time beside the fault in force (or one that ended up to 3 s before),
+grouped by fault unless ``--every-failure``; which
 of them fall in the seconds right after that router's own nginx was killed;
 orphans found by gc; apps left half done. Asserts nothing.
 
@@ -37,6 +39,7 @@ import random
 import secrets
 import signal
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -73,14 +76,16 @@ SETTLE_S = 20.0  # for an app to settle after its deploy
 
 @dataclass
 class Fault:
-    kind: str  # etcd, router, nginx, container
+    kind: str  # etcd, routerd, nginx, container
     target: str
     started: float
     ended: float = 0.0  # 0 while in force
 
     def label(self, zero: float) -> str:
-        span = f"{clock(self.started - zero)}-{clock(self.ended - zero)}" if self.ended else ""
-        return f"{self.kind} {self.target} {span or clock(self.started - zero)}"
+        when = clock(self.started - zero)
+        if self.ended - self.started >= 0.1:
+            when += f"-{clock(self.ended - zero)}"
+        return f"{self.kind} {self.target} {when}"
 
 
 @dataclass
@@ -97,10 +102,10 @@ class Planned:
 def schedule(seed: int, seconds: float) -> list[Planned]:
     """The whole run's faults, drawn up front so a seed always gives the same ones."""
     draw, planned, elapsed = random.Random(seed), [], 0.0
-    kinds = ("etcd", "router", "nginx", "container")
+    kinds = ("etcd", "routerd", "nginx", "container")
     while elapsed < seconds:
         kind = draw.choice(kinds)
-        hold = {"etcd": draw.uniform(1, 8), "router": draw.uniform(0.5, 4)}.get(kind, 0.0)
+        hold = {"etcd": draw.uniform(1, 8), "routerd": draw.uniform(0.5, 4)}.get(kind, 0.0)
         gap = draw.uniform(3, 10)
         planned.append(Planned(gap, kind, draw.randrange(1000), hold, draw.random() < 0.5))
         elapsed += gap + hold
@@ -138,9 +143,9 @@ class Chaos:
         self.cluster.restart(member)
         fault.ended = time.monotonic()
 
-    def _router(self, planned: Planned) -> None:
+    def _routerd(self, planned: Planned) -> None:
         router = self.routers[planned.index % len(self.routers)]
-        fault = self._record("router", router.router_id)
+        fault = self._record("routerd", router.router_id)
         router.kill(reap=False)
         time.sleep(planned.hold)
         router.start(reap=False)  # waits for /readyz
@@ -178,12 +183,13 @@ class Chaos:
                 return fault
         return None
 
-    def excused(self, at: float, router: str) -> bool:
-        """Right after this router's own nginx was killed."""
-        return any(
-            f.kind == "nginx" and f.target == router and 0 <= at - f.started <= NGINX_EXCUSE_S
-            for f in self.faults
-        )
+    def nginx_killed(self, at: float, router: str) -> Fault | None:
+        """The last kill of this router's own nginx up to NGINX_EXCUSE_S before ``at``."""
+        for fault in reversed(self.faults):
+            mine = fault.kind == "nginx" and fault.target == router
+            if mine and 0 <= at - fault.started <= NGINX_EXCUSE_S:
+                return fault
+        return None
 
 
 # ----------------------------------------------------------------- traffic
@@ -283,7 +289,7 @@ class Deploys:
         deploy = Deploy(endpoint, "deploy", *args)
         try:
             code = deploy.wait(240)
-        except Exception:  # noqa: BLE001  (hung: say so, and go on)
+        except subprocess.TimeoutExpired:  # hung: say so, and go on
             deploy.signal(signal.SIGKILL)
             deploy.wait(10)
             code = -9
@@ -339,10 +345,12 @@ def start(folder: Path, apps: int, backends: str) -> tuple[Cluster, list[Routerd
     routers = []
     for n in range(3):
         router = Routerd(
-            etcd=cluster, workdir=folder / f"router{n}", router_id=f"r{n}",
+            etcd=cluster,
+            workdir=folder / f"router{n}",
+            router_id=f"r{n}",
             etcd_endpoint=rotated(cluster.endpoints, n),
             extra_args=("--dynamic-backends", backends),
-        )  # fmt: skip
+        )
         routers.append(router.start())
     names = [f"chaos{n}-{secrets.token_hex(2)}" for n in range(apps)]
     for name in names:
@@ -364,71 +372,135 @@ def heal(cluster: Cluster, routers: list[Routerd]) -> None:
             router.start(reap=False)
 
 
-def report(
-    seed: int, seconds: float, chaos: Chaos, clients: Clients, deploys: Deploys, audit: Audit
-) -> None:
-    zero = audit.zero
-    kinds = [f.kind for f in chaos.faults]
-    leaders = sum(1 for f in chaos.faults if "(leader)" in f.target)
-    print(f"seed {seed}, {seconds / 60:g} minutes, 3 etcd members, 3 routers, "
-          f"{len(audit.apps)} apps x 2 containers")  # fmt: skip
-    print(
-        f"faults: {len(kinds)} ({kinds.count('etcd')} etcd members, {leaders} of them leaders; "
-        f"{kinds.count('router')} routers; {kinds.count('nginx')} nginx masters; "
-        f"{kinds.count('container')} containers)"
-    )
-    for number in range(0, len(chaos.faults), 4):
-        print("  " + "; ".join(f.label(zero) for f in chaos.faults[number : number + 4]))
-    outcomes = deploys.outcomes
-    results = [o.result for o in outcomes]
-    took = [o.took for o in outcomes if o.result == "done"] or [0.0]
-    print(
-        f"deploys: {len(outcomes)}: {results.count('done')} done, "
-        f"{results.count('rolled back')} rolled back, {results.count('failed')} failed; "
-        f"done in p50 {statistics.median(took):.1f} s, max {max(took):.1f} s"
-    )
-    for o in outcomes:
-        if o.result != "done":
-            beside = chaos.in_force(o.started + o.took)
-            print(f"  {clock(o.started - zero)} {o.app} {o.result}: {o.why}  "
-                  f"[{beside.label(zero) if beside else 'no fault'}]")  # fmt: skip
-    print(
-        "requests, a new connection each (excused: right after the router's own nginx was killed):"
-    )
-    unexcused = 0
-    for router, seen in clients.new.items():
-        excused = [f for f in seen.failures if chaos.excused(f[0], router)]
-        unexcused += len(seen.failures) - len(excused)
-        print(f"  {router}: {seen.requests:,} requests, {len(seen.failures)} failed, "
-              f"{len(excused)} of them excused")  # fmt: skip
-    print("requests on keep-alive connections (counted apart):")
-    for router, seen in clients.kept.items():
-        print(f"  {router}: {seen.requests:,} requests, {len(seen.failures)} failed")
-    failures = [
-        (at, router, app, what, keep)
-        for keep, table in ((False, clients.new), (True, clients.kept))
-        for router, seen in table.items()
-        for at, app, what in seen.failures
-    ]
-    if failures:
-        print("each failed request, beside the fault in force:")
-    for at, router, app, what, keep in sorted(failures):
-        beside = chaos.in_force(at)
-        mark = " (excused)" if not keep and chaos.excused(at, router) else ""
-        print(f"  {clock(at - zero)} {router}{' keep-alive' if keep else ''} {app}: {what}{mark}  "
-              f"[{beside.label(zero) if beside else 'no fault'}]")  # fmt: skip
-    unsettled = [o for o in outcomes if o.unsettled]
-    for o in unsettled:
-        print(f"  not settled {SETTLE_S:g} s after its deploy at {clock(o.started - zero)}: "
-              f"{o.app}: {'; '.join(o.unsettled)}")  # fmt: skip
-    print(f"at the end: orphans found by gc: {audit.orphans}; apps left half done: "
-          f"{len(audit.half_done)}; deploys not settled after them: {len(unsettled)}")  # fmt: skip
-    for line in audit.lines:
-        print(f"  {line}")
-    print(
-        f"targets: unexcused failed new-connection requests {unexcused} (0), orphans "
-        f"{audit.orphans} (0), deploys left half done {len(audit.half_done) + len(unsettled)} (0)"
-    )
+@dataclass(frozen=True, order=True)
+class Failure:
+    at: float
+    router: str
+    app: str
+    what: str
+    keep_alive: bool
+
+
+class Report:
+    """What the run printed, part by part; times are from the start of the faults."""
+
+    def __init__(self, chaos: Chaos, clients: Clients, deploys: Deploys, audit: Audit) -> None:
+        self.chaos, self.clients, self.deploys, self.audit = chaos, clients, deploys, audit
+        self.zero = audit.zero
+        self.failures = sorted(
+            Failure(at, router, app, what, keep)
+            for keep, table in ((False, clients.new), (True, clients.kept))
+            for router, seen in table.items()
+            for at, app, what in seen.failures
+        )
+
+    def beside(self, at: float) -> str:
+        fault = self.chaos.in_force(at)
+        return f"[{fault.label(self.zero) if fault else 'no fault'}]"
+
+    def excused(self, failure: Failure) -> bool:
+        return not failure.keep_alive and self.kill_before(failure) is not None
+
+    def kill_before(self, failure: Failure) -> Fault | None:
+        return self.chaos.nginx_killed(failure.at, failure.router)
+
+    def faults(self, seed: int, seconds: float) -> None:
+        faults = self.chaos.faults
+        kinds = [f.kind for f in faults]
+        leaders = sum(1 for f in faults if "(leader)" in f.target)
+        print(
+            f"seed {seed}, {seconds / 60:g} min, 3 etcd members, 3 routers, "
+            f"{len(self.audit.apps)} apps x 2 containers"
+        )
+        print(
+            f"faults: {len(kinds)} ({kinds.count('etcd')} etcd members, {leaders} of them "
+            f"leaders; {kinds.count('routerd')} routerds; {kinds.count('nginx')} nginx masters; "
+            f"{kinds.count('container')} containers)"
+        )
+        for number in range(0, len(faults), 4):
+            print("  " + "; ".join(f.label(self.zero) for f in faults[number : number + 4]))
+
+    def outcomes(self) -> None:
+        outcomes = self.deploys.outcomes
+        results = [o.result for o in outcomes]
+        took = [o.took for o in outcomes if o.result == "done"] or [0.0]
+        print(
+            f"deploys: {len(outcomes)}: {results.count('done')} done, "
+            f"{results.count('rolled back')} rolled back, {results.count('failed')} failed; "
+            f"done in p50 {statistics.median(took):.1f} s, max {max(took):.1f} s"
+        )
+        for o in outcomes:
+            if o.result != "done":
+                print(
+                    f"  {clock(o.started - self.zero)} {o.app} {o.result}: {o.why}  "
+                    f"{self.beside(o.started + o.took)}"
+                )
+
+    def requests(self) -> int:
+        """Per router; the number of failures not excused."""
+        print(
+            "requests on a new connection each (excused: right after that router's nginx "
+            "was killed):"
+        )
+        for router, seen in self.clients.new.items():
+            mine = [f for f in self.failures if f.router == router and not f.keep_alive]
+            excused = sum(map(self.excused, mine))
+            print(f"  {router}: {seen.requests:,} requests, {len(mine)} failed, {excused} excused")
+        delays = [f.at - kill.started for f in self.failures if (kill := self.kill_before(f))]
+        if delays:
+            print(f"  the excused ones came {min(delays):.1f}-{max(delays):.1f} s after the kill")
+        print("requests on keep-alive connections (counted apart):")
+        for router, seen in self.clients.kept.items():
+            failed = sum(1 for f in self.failures if f.router == router and f.keep_alive)
+            print(f"  {router}: {seen.requests:,} requests, {failed} failed")
+        return sum(1 for f in self.failures if not f.keep_alive and not self.excused(f))
+
+    def each_failure(self, every: bool) -> None:
+        """Failures beside the fault in force: each one, or grouped by fault and router."""
+        if not self.failures:
+            return
+        print("failed requests, beside the fault in force:")
+        if every:
+            for f in self.failures:
+                mark = " (excused)" if self.excused(f) else ""
+                how = " keep-alive" if f.keep_alive else ""
+                print(
+                    f"  {clock(f.at - self.zero)} {f.router}{how} {f.app}: {f.what}{mark}  "
+                    f"{self.beside(f.at)}"
+                )
+            return
+        groups: dict[tuple[str, str], list[Failure]] = {}
+        for f in self.failures:
+            groups.setdefault((self.beside(f.at), f.router), []).append(f)
+        for (beside, router), group in groups.items():
+            new = [f for f in group if not f.keep_alive]
+            excused = sum(map(self.excused, new))
+            span = f"{clock(group[0].at - self.zero)}-{clock(group[-1].at - self.zero)}"
+            whats = ", ".join(sorted({f.what for f in group}))
+            print(
+                f"  {span} {router}: {len(new)} new-connection ({excused} excused), "
+                f"{len(group) - len(new)} keep-alive; {whats}  {beside}"
+            )
+
+    def end(self, unexcused: int) -> None:
+        unsettled = [o for o in self.deploys.outcomes if o.unsettled]
+        for o in unsettled:
+            print(
+                f"  not settled {SETTLE_S:g} s after its deploy at {clock(o.started - self.zero)}"
+                f": {o.app}: {'; '.join(o.unsettled)}"
+            )
+        audit = self.audit
+        print(
+            f"at the end: orphans found by gc: {audit.orphans}; apps left half done: "
+            f"{len(audit.half_done)}; deploys not settled after them: {len(unsettled)}"
+        )
+        for line in audit.lines:
+            print(f"  {line}")
+        print(
+            f"targets: unexcused failed new-connection requests {unexcused} (0), orphans "
+            f"{audit.orphans} (0), deploys left half done "
+            f"{len(audit.half_done) + len(unsettled)} (0)"
+        )
 
 
 @dataclass
@@ -457,10 +529,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
     parser.add_argument("--apps", type=int, default=4)
     parser.add_argument("--dynamic-backends", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument(
+        "--every-failure", action="store_true", help="list each failed request, not by fault"
+    )
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else secrets.randbelow(10**6)
     seconds = args.minutes * 60
-    print(f"chaos: seed {seed} (replay with --seed {seed}), {args.minutes:g} minutes", flush=True)
+    print(f"chaos: seed {seed} (replay with --seed {seed}), {args.minutes:g} min", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="routerd-chaos-"))
     cluster, routers, apps, docker = start(folder, args.apps, args.dynamic_backends)
     try:
@@ -471,7 +546,12 @@ def main() -> None:
             chaos.run(schedule(seed, seconds), until=audit.zero + seconds)
             heal(cluster, routers)
         audit.final(cluster, deploys)
-        report(seed, seconds, chaos, clients, deploys, audit)
+        report = Report(chaos, clients, deploys, audit)
+        report.faults(seed, seconds)
+        report.outcomes()
+        unexcused = report.requests()
+        report.each_failure(args.every_failure)
+        report.end(unexcused)
     finally:
         cleanup(cluster, routers, apps, docker)
 
