@@ -1,6 +1,7 @@
 """Fixtures that start real processes: etcd, routerd (with its nginx), backends,
 and extra Docker engines for placement, and a three-member etcd cluster with
-TCP proxies in front of its members.
+TCP proxies in front of its members; and the machine's own Docker engine with
+the test image on it.
 
 etcd runs once per test module and every key is wiped before each test (a
 start costs most of a second; a wipe costs a millisecond); the extra Docker
