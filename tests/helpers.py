@@ -634,7 +634,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _BackendServer
 
     def do_GET(self) -> None:
-        self.server.backend.hits += 1
+        self.server.backend.hit()
         body = f"{self.server.backend.name}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -654,17 +654,23 @@ class _BackendServer(ThreadingHTTPServer):
 
 
 class Backend:
-    """A tiny HTTP server in a thread answering 200 ``backend-<port>``."""
+    """A tiny HTTP server in a thread answering 200 with its name
+    (``backend-<port>`` unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self.server = _BackendServer(("127.0.0.1", 0), _Handler)
         self.server.backend = self
         self.port: int = self.server.server_address[1]
-        self.name = f"backend-{self.port}"
+        self.name = name or f"backend-{self.port}"
         self.address = f"127.0.0.1:{self.port}"
         self.hits = 0
+        self._lock = threading.Lock()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def hit(self) -> None:
+        with self._lock:  # handlers run in threads: count every request exactly
+            self.hits += 1
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -343,7 +343,7 @@ async def print_deploy_state(store: Store, app: str, params: Mapping[str, Any]) 
         spec = release.spec
         mark = "*" if release.name == state.active else " "
         print(
-            f"   {mark}{release.name}\timage={spec.image} replicas={spec.replicas} "
+            f"   {mark}{release.name}\t{release.label} image={spec.image} replicas={spec.replicas} "
             f"network={spec.network} created={release.created} "
             f"activated={release.activated or '-'}"
             + (f" rollback_of={release.rollback_of}" if release.rollback_of else "")
