@@ -37,6 +37,7 @@ import contextlib
 import os
 import random
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -337,25 +338,22 @@ def clock(seconds: float) -> str:
     return f"{int(minutes):02d}:{rest:04.1f}"
 
 
-def start(folder: Path, apps: int, backends: str) -> tuple[Cluster, list[Routerd], list[str], Any]:
-    docker = docker_client()
-    build_image(docker)
-    cluster = Cluster(folder / "etcd")
+def start(cluster: Cluster, routers: list[Routerd], apps: list[str], backends: str) -> None:
+    """The cluster, then the routers (each added to ``routers`` as it starts), then
+    the apps' configs."""
     cluster.start()
-    routers = []
     for n in range(3):
         router = Routerd(
             etcd=cluster,
-            workdir=folder / f"router{n}",
+            workdir=cluster.workdir.parent / f"router{n}",
             router_id=f"r{n}",
             etcd_endpoint=rotated(cluster.endpoints, n),
             extra_args=("--dynamic-backends", backends),
         )
-        routers.append(router.start())
-    names = [f"chaos{n}-{secrets.token_hex(2)}" for n in range(apps)]
-    for name in names:
-        cluster.put(config_key(name), app_config([f"{name}.test"]))
-    return cluster, routers, names, docker
+        routers.append(router)
+        router.start()
+    for app in apps:
+        cluster.put(config_key(app), app_config([f"{app}.test"]))
 
 
 def first_releases(cluster: Cluster, apps: list[str]) -> None:
@@ -536,9 +534,13 @@ def main() -> None:
     seed = args.seed if args.seed is not None else secrets.randbelow(10**6)
     seconds = args.minutes * 60
     print(f"chaos: seed {seed} (replay with --seed {seed}), {args.minutes:g} min", flush=True)
+    docker = docker_client()
+    build_image(docker)
     folder = Path(tempfile.mkdtemp(prefix="routerd-chaos-"))
-    cluster, routers, apps, docker = start(folder, args.apps, args.dynamic_backends)
+    cluster, routers = Cluster(folder / "etcd"), list[Routerd]()
+    apps = [f"chaos{n}-{secrets.token_hex(2)}" for n in range(args.apps)]
     try:
+        start(cluster, routers, apps, args.dynamic_backends)
         first_releases(cluster, apps)
         chaos = Chaos(cluster, routers, apps, docker)
         audit = Audit(time.monotonic(), apps)
@@ -554,6 +556,7 @@ def main() -> None:
         report.end(unexcused)
     finally:
         cleanup(cluster, routers, apps, docker)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cleanup(cluster: Cluster, routers: list[Routerd], apps: list[str], docker: Any) -> None:
