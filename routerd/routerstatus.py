@@ -10,7 +10,8 @@ read it back through ``RouterStatus.from_json``, the same code for both:
 
 ``revision`` is the etcd revision of the latest snapshot the router
 processed and nginx now serves (it advances even when the rendering did not
-change, so a waiting controller is never left hanging); ``errors`` lists
+change, so a waiting controller is never left hanging; it does not while a
+failed push of the instance lists is being tried again); ``errors`` lists
 every key it rejected, and whole-candidate failures under the path of
 nginx.conf (a refused template, a rolled-back reload) or under the ``apps/``
 prefix itself (a held shrink). ``metrics`` is where its metrics server

@@ -343,6 +343,13 @@ async def _due(queue: asyncio.Queue[tuple[float, bytes]]) -> bytes:
     return chunk
 
 
+def rotated(endpoints: list[str], number: int) -> str:
+    """The ``--etcd`` of router ``number``: every member, from member ``number``
+    on, so each member (the leader among them) has a router connected to it first."""
+    number %= len(endpoints)
+    return ",".join(endpoints[number:] + endpoints[:number])
+
+
 def endpoint_of(proxies: list[TcpProxy]) -> str:
     """The ``--etcd`` value that reaches the members through ``proxies``."""
     return ",".join(p.endpoint for p in proxies)

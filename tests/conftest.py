@@ -1,6 +1,7 @@
 """Fixtures that start real processes: etcd, routerd (with its nginx), backends,
 and extra Docker engines for placement, and a three-member etcd cluster with
-TCP proxies in front of its members.
+TCP proxies in front of its members; and the machine's own Docker engine with
+the test image on it.
 
 etcd runs once per test module and every key is wiped before each test (a
 start costs most of a second; a wipe costs a millisecond); the extra Docker
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 from cluster import Cluster, TcpProxy
+from deploy_helpers import build_image, docker_client
 from engines import Engine, make_engines, start_engines, stop_engines
 from helpers import Backend, Etcd, EtcdApi, Routerd
 from hypothesis import HealthCheck, settings
@@ -50,6 +52,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 (f"routerd #{number} ({handle.workdir})", handle.failure_report())
             )
     return report
+
+
+@pytest.fixture(scope="session")
+def docker() -> Any:
+    """A client of the machine's Docker engine, with the test image on it."""
+    client = docker_client()
+    build_image(client)
+    return client
 
 
 @pytest.fixture(scope="module")

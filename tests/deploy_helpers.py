@@ -21,6 +21,7 @@ import collections
 import http.client
 import io
 import itertools
+import json
 import os
 import queue
 import re
@@ -391,6 +392,66 @@ class DockerFaults:
 def docker_socket() -> str:
     host = os.environ.get("DOCKER_HOST", "")
     return host.removeprefix("unix://") if host.startswith("unix://") else "/var/run/docker.sock"
+
+
+# ------------------------------------------------------------ settled
+
+
+def settled_problems(etcd: Any, app: str, engines: Mapping[str, Any]) -> list[str]:
+    """Why the app is not in a state a finished or rolled back deploy leaves
+    (empty when it is): the lock released, one release registered and
+    ``active``, no history of a release that never served kept beside it,
+    and on every engine (name -> Docker client) exactly that release's
+    containers, each running and registered, each instance a container."""
+    base = f"{PREFIX}/apps/{app}/"
+    found = {k[len(base) :]: v for k, v in etcd.get_prefix(base).items()}
+    problems = [f"the deploy lock is held: {found['lock']}"] if "lock" in found else []
+    active = found.get("active")
+    registered: dict[str, set[str]] = {}
+    for key in found:
+        if key.startswith("releases/"):
+            _, release, instance = key.split("/", 2)
+            registered.setdefault(release, set()).add(instance)
+    if active not in registered:
+        problems.append(f"active is {active!r}, which has no instance registered")
+    if beside := sorted(set(registered) - {active}):
+        problems.append(f"registered beside the active release: {', '.join(beside)}")
+    for key, value in found.items():
+        release = key.removeprefix("history/")
+        if key.startswith("history/") and release != active and not json_of(value).get("activated"):
+            problems.append(f"history of {release} kept, which never served")
+    instances = registered.get(active or "", set())
+    seen = set()
+    for host, client in sorted(engines.items()):
+        for container in app_containers(client, app):
+            seen.add(container.id[:12])
+            what = f"container {container.name} on {host} ({container.status})"
+            if container.labels.get("routerd.release") != active:
+                problems.append(f"{what} is of another release than active {active}")
+            elif container.id[:12] not in instances:
+                problems.append(f"{what} is no registered instance")
+            elif container.status != "running":
+                problems.append(f"{what} is registered but not running")
+    if missing := sorted(instances - seen):
+        problems.append(f"instance(s) of {active} with no container: {', '.join(missing)}")
+    return problems
+
+
+def json_of(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def gc_finds_nothing(done: Deploy) -> bool:
+    """Whether a ``routerd gc --dry-run`` run saw every host and would do nothing."""
+    return (
+        done.proc.returncode == 0
+        and "would remove 0 container(s)" in done.output
+        and "deregistering" not in done.output
+    )
 
 
 # ------------------------------------------------------------------ etcd

@@ -475,12 +475,15 @@ class Routerd:
         reap_nginx(self.conf_path)
         return code
 
-    def kill(self) -> None:
-        """SIGKILL routerd (no chance to clean up), then stop the nginx it left behind."""
+    def kill(self, *, reap: bool = True) -> None:
+        """SIGKILL routerd (no chance to clean up), then stop the nginx it left
+        behind, unless ``reap`` is False: then that nginx keeps serving, for the
+        next ``start(reap=False)`` to take over, as after a crash."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-        reap_nginx(self.conf_path)
+        if reap:
+            reap_nginx(self.conf_path)
 
     def freeze(self) -> None:
         assert self.proc is not None

@@ -79,7 +79,12 @@ def deploy_options(command: F) -> F:
         flag("--router-timeout", default=30.0, type=POSITIVE, help="seconds to wait for routers"),
         flag("--no-wait-routers", is_flag=True, help="go on without routers to confirm"),
         flag("--stop-timeout", default=10.0, type=POSITIVE, help="seconds from SIGTERM to KILL"),
-        flag("--rollback-timeout", default=30.0, type=POSITIVE, help="seconds a rollback retries"),
+        flag(
+            "--rollback-timeout",
+            default=30.0,
+            type=POSITIVE,
+            help="seconds a rollback retries etcd and the engines (step 6's removals too)",
+        ),
     ]
     for option in reversed(options):
         command = option(command)

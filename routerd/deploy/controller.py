@@ -26,7 +26,9 @@ deploy's token, so a deploy whose lock expired stops and rolls back.
 A ``Journal`` records what was done. A failure up to step 6's etcd
 transaction, or an interruption (the CLI cancels the task) up to the end of
 the drain, is undone by ``routerd.undo``. After that transaction step 6 only
-removes what nothing routes to any more, and it is not interrupted. Talks to
+removes what nothing routes to any more, and it is not interrupted; an
+engine that fails meanwhile (one restarting) is asked again for
+``--rollback-timeout``. Talks to
 etcd through ``Store`` and to containers through ``Engines`` (each
 container on its own host's engine) only; never to nginx.
 """
@@ -390,7 +392,11 @@ class Deployer:
                 journal.committed = False  # refused, so nothing was written: roll back
                 raise DeployError(lock.lost_reason)
             removed, unlisted = await remove_release(
-                self.engines, plan.app, old, self.options.stop_timeout
+                self.engines,
+                plan.app,
+                old,
+                self.options.stop_timeout,
+                retry_for=self.options.rollback_timeout,
             )
             notes.append(f"{removed} container(s) removed")
             notes += [

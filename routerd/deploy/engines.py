@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from routerd.store import Store
 
 OPEN_TIMEOUT = 5.0  # seconds for every engine to answer its first call
 READ_TIMEOUT = 20.0  # seconds for every engine to list its containers
+RETRY_WAIT_S = 1.0  # between two attempts to remove containers on an engine that failed
 T = TypeVar("T")
 Say = Callable[[str], None]
 
@@ -82,6 +84,11 @@ class Engines:
         if not self.placing:
             return next(iter(self.runtimes.values())).name
         return f"{len(self.hosts)} Docker host(s)"
+
+    def only(self, hosts: Collection[str]) -> Engines:
+        """The engines of these hosts (those reachable), for asking them again."""
+        runtimes = {h: r for h, r in self.runtimes.items() if h in hosts}
+        return Engines(runtimes, hosts=self.hosts)
 
     def of(self, host: str) -> Runtime:
         """The engine of ``host``; ContainerError when it could not be reached."""
@@ -263,29 +270,59 @@ def _placed(candidates: Sequence[Candidate], chosen: Sequence[str], each: Resour
 
 
 async def remove_release(
-    engines: Engines, app: str, releases: list[str], timeout: float
+    engines: Engines, app: str, releases: list[str], timeout: float, *, retry_for: float = 0.0
 ) -> tuple[int, dict[str, str]]:
     """Stop and remove every container of these releases on every engine, in
     parallel: (how many, why each engine that could not be listed was not).
 
-    One failed removal does not stop the others: each is tried, then one
-    ContainerError names every container that is left.
+    An engine that fails to list or to remove is asked again every
+    ``RETRY_WAIT_S`` for ``retry_for`` seconds: one that restarts answers again
+    within seconds, and brings back the containers it ran. One failed removal
+    does not stop the others: each is tried, then one ContainerError names
+    every container that is left. Engines unreachable from the start are not
+    asked again.
     """
+    deadline = time.monotonic() + retry_for
+    unlisted, removed = dict(engines.unreachable), 0
+    asked = engines.only(engines.runtimes)
+    while True:
+        found, missed = await _listed(asked, app, releases)
+        failed = await _remove_all(engines, found, timeout)
+        removed += len(found) - len(failed)
+        for host in asked.runtimes:
+            unlisted.pop(host, None)
+        unlisted.update(missed)
+        again = set(missed) | {c.engine for c, _ in failed}
+        if not again or time.monotonic() + RETRY_WAIT_S > deadline:
+            break
+        await asyncio.sleep(RETRY_WAIT_S)
+        asked = engines.only(again)
+    if failed:
+        raise ContainerError("; ".join(_failure(c, exc) for c, exc in failed))
+    return removed, unlisted
+
+
+async def _listed(
+    engines: Engines, app: str, releases: list[str]
+) -> tuple[list[Container], dict[str, str]]:
     found: list[Container] = []
     unlisted: dict[str, str] = {}
     for name in releases:
         containers, failed = await asyncio.to_thread(engines.list, app, name)
         found += containers
         unlisted.update(failed)
-    if failed_removals := await remove_each(engines, found, timeout):
-        raise ContainerError("; ".join(failed_removals))
-    return len(found), unlisted
+    return found, unlisted
 
 
 async def remove_each(engines: Engines, containers: list[Container], timeout: float) -> list[str]:
     """Remove these containers in parallel, each on its own engine and whatever
     befalls the others; a line per one that could not be removed."""
+    return [_failure(c, exc) for c, exc in await _remove_all(engines, containers, timeout)]
 
+
+async def _remove_all(
+    engines: Engines, containers: list[Container], timeout: float
+) -> list[tuple[Container, Exception]]:
     def remove(container: Container) -> None:
         engines.of(container.engine).remove(container, timeout=timeout)
 
@@ -297,9 +334,13 @@ async def remove_each(engines: Engines, containers: list[Container], timeout: fl
         if isinstance(outcome, BaseException):
             if not isinstance(outcome, Exception):
                 raise outcome  # cancellation and the like: not a failed removal
-            where = f" on {container.engine}" if container.engine else ""
-            failed.append(f"{container.name}{where} ({_brief(outcome)})")
+            failed.append((container, outcome))
     return failed
+
+
+def _failure(container: Container, exc: Exception) -> str:
+    where = f" on {container.engine}" if container.engine else ""
+    return f"{container.name}{where} ({_brief(exc)})"
 
 
 # ------------------------------------------------------------------ threads

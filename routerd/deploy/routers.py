@@ -63,9 +63,15 @@ async def wait_for_routers(
         if time.monotonic() >= deadline:
             raise DeployError(
                 f"router(s) did not report revision {revision} within {timeout:g} s: "
-                + ", ".join(f"{r.router_id} at {r.revision}" for r in behind)
+                + ", ".join(_behind(r) for r in behind)
             )
         await asyncio.sleep(interval)
+
+
+def _behind(router: RouterStatus) -> str:
+    """A router that has not caught up, and the first error it reports (why, maybe)."""
+    why = f" ({router.errors[0].error})" if router.errors else ""
+    return f"{router.router_id} at {router.revision}{why}"
 
 
 def check_serving(routers: list[RouterStatus], *, prefix: str, app: str, release: str) -> None:

@@ -10,7 +10,9 @@ of every container on it, routerd's or not.
 Every container carries the labels ``routerd.app`` and ``routerd.release``,
 reads its port from ``$PORT``, as on Heroku, and runs under an init, so PID
 1 honours SIGTERM (busybox httpd as PID 1 ignores it and waits out the stop
-timeout; under an init it stops in 0.05 s). Images are
+timeout; under an init it stops in 0.05 s). The engine restarts it when it
+exits or when the engine itself restarts (``unless-stopped``): the address
+registered for it stays good. Images are
 never pulled: no registry may be reachable, and the engine answers a pull
 of a missing image with an opaque 500. Calls block; the controller runs
 them in threads. Knows nothing of etcd.
@@ -41,6 +43,9 @@ from routerd.errors import ContainerError, Unhealthy
 LABEL_APP, LABEL_RELEASE = "routerd.app", "routerd.release"
 HOST_PORTS = range(20000, 32768)  # below Linux's ephemeral range: no clash with client sockets
 PROBE_TIMEOUT = 1.0
+# A container that exits (a crash, the OOM killer) or whose engine restarts is
+# started again by the engine at the same address; one routerd stops stays stopped.
+RESTART_POLICY = {"Name": "unless-stopped"}
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,7 @@ class DockerRuntime:
                 labels={LABEL_APP: spec.app, LABEL_RELEASE: spec.release},
                 environment=env,
                 init=True,
+                restart_policy=RESTART_POLICY,
                 detach=True,
                 **options,
             )
@@ -255,11 +261,15 @@ class DockerRuntime:
                 raise Unhealthy(f"{container.name} was removed") from exc.__cause__
             raise
         state = handle.attrs.get("State", {})
-        if state.get("Status") != "running":
+        status = state.get("Status")
+        if status != "running" or state.get("Restarting"):
             with engine_call(f"cannot read the output of {container.name} on the {self.name}"):
                 logs = handle.logs(tail=5).decode("utf-8", "replace").strip()
+            # The engine restarts a container that exits: between two runs it is
+            # "restarting", its code the last run's.
+            how = "exited" if status == "restarting" else status
             raise Unhealthy(
-                f"{container.name} {state.get('Status')} with code {state.get('ExitCode')}"
+                f"{container.name} {how} with code {state.get('ExitCode')}"
                 + (f"; last output: {logs!r}" if logs else "")
             )
 

@@ -13,8 +13,9 @@
    person to remove with ``routerd gc`` once the routers are back.
 4. Its containers stopped and removed, found by label on every host's
    engine, after any runtime call an interruption left running has
-   finished (so none is orphaned). An engine that cannot be asked any more
-   is named, with what the journal says runs there, for ``routerd gc``.
+   finished (so none is orphaned). An engine that fails (one restarting)
+   is asked again until the rollback's deadline; one that still cannot be
+   asked is named, with what the journal says runs there, for ``routerd gc``.
 
 etcd may be down (that may be why the deploy failed): each etcd undo is
 retried until the rollback's deadline. One failing undo never stops the
@@ -54,7 +55,10 @@ class Undo:
         self.say(f"rollback: undoing the deploy of {plan.app} {plan.release.name}")
         await settle(journal)
         in_use = await self._undo_etcd(plan, journal, deadline, left)
-        left += await (self._keep(plan, journal, in_use) if in_use else self._remove(plan, journal))
+        if in_use:
+            left += await self._keep(plan, journal, in_use)
+        else:
+            left += await self._remove(plan, journal, deadline)
         outcome = f"left behind: {'; '.join(left)}" if left else "done"
         self.say(f"rollback: {outcome} in {since(started)}")
         return left
@@ -165,11 +169,15 @@ class Undo:
             return f"the routers did not confirm they stopped routing to it ({brief(exc)})"
         return None
 
-    async def _remove(self, plan: Plan, journal: Journal) -> list[str]:
+    async def _remove(self, plan: Plan, journal: Journal, deadline: float) -> list[str]:
         new = plan.release.name
         try:
             removed, unlisted = await remove_release(
-                self.engines, plan.app, [new], self.options.stop_timeout
+                self.engines,
+                plan.app,
+                [new],
+                self.options.stop_timeout,
+                retry_for=deadline - time.monotonic(),
             )
         except Exception as exc:  # noqa: BLE001  (e.g. the engine went away: say so, do not raise)
             return [f"containers of {new} ({brief(exc)}; run: routerd gc)"]

@@ -69,8 +69,13 @@ class Master:
         )
 
     def needs_start(self) -> bool:
-        """--supervise with no master yet (none started, none adopted)."""
-        return self.supervise and self.process is None and self.adopted is None
+        """--supervise with no master running: none started or adopted yet, or the
+        one there was died (a SIGKILL or the OOM killer between two checks of the
+        watch loop): a new config is then loaded by starting a master on it, as a
+        reload could only fail."""
+        if not self.supervise:
+            return False
+        return (self.process is None and self.adopted is None) or self.exited() is not None
 
     def adopt_running(self) -> bool:
         """--supervise after a routerd that was killed: its nginx master (in its

@@ -76,12 +76,8 @@ class Nginx:
         NginxNotRunning (sidecar, no master yet): the file waits for nginx to
         start; ReloadError: nginx did not serve it, with nginx's own reason."""
         offset = self.master.error_log_offset()
-        retiring: set[int] = set()
         try:
-            if self.master.needs_start():
-                self.master.start()
-            else:
-                retiring = self.master.reload()
+            retiring = self._start_or_reload()
         except NginxNotRunning:
             self.waiting = generation
             raise
@@ -95,8 +91,16 @@ class Nginx:
         if self.served is None:
             return
         offset = self.master.error_log_offset()
-        retiring = self.master.reload()
+        retiring = self._start_or_reload()
         await self._confirm(self.served, offset=offset, retiring=retiring, fail_fast=False)
+
+    def _start_or_reload(self) -> set[int]:
+        """Start a master on the installed file when none runs, else reload it:
+        the workers that are to retire."""
+        if self.master.needs_start():
+            self.master.start()
+            return set()
+        return self.master.reload()
 
     # -- watching
 

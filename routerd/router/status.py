@@ -20,7 +20,7 @@ from routerd import keys
 from routerd.errors import RouterdError, StoreError
 from routerd.logs import log
 from routerd.router.metrics import Metrics
-from routerd.router.pipeline import GOOD, Result
+from routerd.router.pipeline import GOOD, Outcome, Result
 from routerd.routerstatus import Rejection, RouterStatus
 from routerd.store import Store
 
@@ -99,6 +99,7 @@ class Reporter:
         self.conf = conf
         self.advertise = advertise
         self._seen: set[Rejection] = set()
+        self._live = 0  # the last revision nginx served in full
 
     def applied(self, revision: int, result: Result, served: str | None) -> None:
         self.metrics.applies.labels(outcome=result.outcome.value).inc()
@@ -107,8 +108,13 @@ class Reporter:
         if result.outcome in GOOD and served:
             self.metrics.set_config(served)
             self.metrics.revision.set(revision)
+            self._live = revision
         self.metrics.apps.set(len(result.table.apps))
-        self._status(revision, served, len(result.table.apps), errors)
+        # A failed push is tried again (nginx restarting has no push socket for a
+        # moment): until then nginx does not serve this revision, so the status
+        # keeps the last one it does, and a deploy waiting for it waits on.
+        shown = self._live if result.outcome is Outcome.PUSH_FAILED else revision
+        self._status(shown, served, len(result.table.apps), errors)
 
     def failed(self, revision: int, exc: BaseException, served: str | None) -> None:
         """An apply raised (a full disk, a bug): the router keeps serving and says so."""

@@ -14,7 +14,7 @@ import signal
 import time
 
 import pytest
-from cluster import Traffic, endpoint_of
+from cluster import Traffic, endpoint_of, rotated
 from helpers import (
     app_keys,
     children_of,
@@ -35,12 +35,9 @@ FLAGS = ("--stale-after", str(STALE_AFTER))
 def start_routers(cluster, cluster_routerd, count):
     """``count`` routers; router n lists the members starting at member n, so each
     member (the leader among them) has a router connected to it first."""
-    endpoints = cluster.endpoints
     return [
         cluster_routerd(
-            router_id=f"r{n}",
-            etcd_endpoint=",".join(endpoints[n:] + endpoints[:n]),
-            extra_args=FLAGS,
+            router_id=f"r{n}", etcd_endpoint=rotated(cluster.endpoints, n), extra_args=FLAGS
         )
         for n in range(count)
     ]
