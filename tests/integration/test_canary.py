@@ -221,8 +221,8 @@ def test_a_router_without_figures_stops_a_canary_before_it_starts(etcd, routerd,
 def test_weights_a_dead_canary_left_keep_routing_until_the_next_deploy(etcd, routerd, docker, app):
     """A canary controller killed mid-step leaves its weights in force: both releases
     keep serving by them, gc keeps the weighted release, scale adds to the active one
-    (the weights now spread over more instances), and the next plain deploy's switch
-    removes the weights and both old releases."""
+    (the weights now spread over more instances), and a rollback to the first version
+    (a deploy like any other) switches, removing the weights and both old releases."""
     router = routerd()
     first = run(etcd.endpoint, "deploy", *deploy_args(app, replicas=1))
     assert first.proc.returncode == 0, first.output
@@ -243,8 +243,9 @@ def test_weights_a_dead_canary_left_keep_routing_until_the_next_deploy(etcd, rou
     seen = served(router, app, 40)
     assert set(seen) == {old, new} and len(app_containers(docker, app)) == 5, seen
 
-    last = run(etcd.endpoint, "deploy", *deploy_args(app))
+    last = run(etcd.endpoint, "rollback", app, "v1", "--drain", "0.5", "--stop-timeout", "5")
     assert last.proc.returncode == 0, last.output
+    assert f"like v1 {old}" in last.output, last.output
     latest = release_of(last)
     assert served(router, app) == {latest: 8}
     assert {c.labels["routerd.release"] for c in app_containers(docker, app)} == {latest}
