@@ -21,9 +21,7 @@ from deploy_helpers import (
     Deploy,
     Load,
     app_containers,
-    build_image,
     deploy_args,
-    docker_client,
     release_of,
     remove_app_containers,
     revoke_lease_of,
@@ -35,13 +33,6 @@ from helpers import PREFIX, app_config, config_key, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 MODES = ["on", "off"]
 QUICK = ("--canary-interval", "2", "--min-requests", "20")
-
-
-@pytest.fixture(scope="module")
-def docker() -> Any:
-    client = docker_client()
-    build_image(client)
-    return client
 
 
 @pytest.fixture
