@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import re
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,7 +205,15 @@ def main() -> None:
         help="the router's mode: off makes every switch a reload",
     )
     args = parser.parse_args()
+    with app_bench(args.dynamic_backends) as bench:
+        run_deploy(bench, args, 0)  # the first release, not measured
+        measure(bench, args)
 
+
+@contextlib.contextmanager
+def app_bench(dynamic_backends: str) -> Iterator[Bench]:
+    """etcd and routerd (in that backend mode) with APP's config and the test image
+    built; APP's containers are removed before and after."""
     import docker
 
     client = docker.from_env()
@@ -211,11 +221,10 @@ def main() -> None:
     remove_app_containers(client, APP)
     with Bench(backend_ports=1) as bench:
         bench.put_many({f"/routerd/apps/{APP}/config": json.dumps({"domains": [HOST]})})
-        bench.start_routerd("--dynamic-backends", args.dynamic_backends)
+        bench.start_routerd("--dynamic-backends", dynamic_backends)
         bench.wait_ready()
         try:
-            run_deploy(bench, args, 0)  # the first release, not measured
-            measure(bench, args)
+            yield bench
         finally:
             remove_app_containers(client, APP)
 

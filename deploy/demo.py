@@ -12,6 +12,8 @@ removed at the end. Printed as it goes:
   6. deploy a containerized app with `routerd deploy` (Docker), then deploy
      its next release under traffic: the six steps, the traffic moving, and
      not one failed request
+  7. deploy a third release as a canary (`--canary 50`): half the requests
+     go to it while the routers' figures judge it, then all of them
 
     python deploy/demo.py
 """
@@ -164,24 +166,45 @@ def report_traffic(
     )
 
 
-def deploy_step(demo: Demo) -> None:
+DEPLOY = ["deploy", "web", "--image", "routerd-demo-app:1", "--network", "host",
+          "--replicas", "2", "--drain", "1"]  # fmt: skip
+
+
+def deploy_step(demo: Demo) -> bool:
+    """Step 6; False when there is no Docker engine to deploy with."""
     say("6. routerd deploy: a containerized app, then its next release under traffic")
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         print("   skipped: no Docker engine answers (deploy/demo.sh starts one)")
-        return
+        return False
     subprocess.run(["bash", str(Path(__file__).with_name("demo-image.sh"))], check=True)
     print("   " + demo.routerd("apps", "set", "web", "--domain", "web.example.com"))
     demo.cleanup.append("web")
-    deploy = ["deploy", "web", "--image", "routerd-demo-app:1", "--network", "host",
-              "--replicas", "2", "--drain", "1"]  # fmt: skip
-    run_deploy(demo, [*deploy, "--release", "v1", "--env", "MESSAGE=hello"])
+    run_deploy(demo, [*DEPLOY, "--release", "v1", "--env", "MESSAGE=hello"])
     with traffic(demo.http, "web.example.com") as results:
         time.sleep(1.0)
         started = time.monotonic()
-        run_deploy(demo, [*deploy, "--release", "v2", "--env", "MESSAGE=hello-again"])
+        run_deploy(demo, [*DEPLOY, "--release", "v2", "--env", "MESSAGE=hello-again"])
         time.sleep(0.5)
     report_traffic(results, started, "web v1", "web v2", "the deploy started")
     print("   " + demo.routerd("status", "web").replace("\n", "\n   "))
+    return True
+
+
+def canary_step(demo: Demo) -> None:
+    say("7. a canary deploy: v3 takes half the requests, judged by the router, then all")
+    canary = ["--canary", "50", "--canary-interval", "3", "--min-requests", "20"]
+    with traffic(demo.http, "web.example.com") as results:
+        time.sleep(1.0)
+        run_deploy(demo, [*DEPLOY, "--release", "v3", "--env", "MESSAGE=third", *canary])
+        time.sleep(0.5)
+    seen = Counter(
+        body.split(" ")[1] if status == 200 else str(status) for _, status, body in results
+    )
+    failed = sum(1 for _, code, _ in results if code != 200)
+    print(
+        f"   {len(results)} requests, {failed} failed; answered by "
+        + ", ".join(f"{release} x{count}" for release, count in sorted(seen.items()))
+    )
 
 
 def run_deploy(demo: Demo, argv: list[str]) -> None:
@@ -316,7 +339,8 @@ def run(demo: Demo) -> None:
         print("   put /routerd/apps/shop/active = v2")
         time.sleep(1.5)
     report_traffic(results, switched, "shop-v1", "shop-v2", "the put")
-    deploy_step(demo)
+    if deploy_step(demo):
+        canary_step(demo)
     say("done; routerd's log follows (see `routerd --help` for more)")
     print((demo.dir / "routerd.log").read_text())
 

@@ -11,18 +11,21 @@ Keys are relative to the prefix (``--prefix``, default ``/routerd``); only
     apps/<app>/history/<release>            how a release was made (controller)
     apps/<app>/version                      the last release's version number (controller)
     apps/<app>/lock                         one deploy at a time (controller)
+    apps/<app>/abort                        a request to abort the running canary (controller)
     certs/<domain>                          a TLS pair (JSON)
     routers/<router-id>                     a router's status, on a lease
     hosts/<host>                            a Docker host, for placement
     pools/<pool>                            the host tags of a pool (JSON)
 
 The name rules live here too, since a name is part of a key: apps (and
-pools) are DNS labels, releases, instances and hosts a little freer. ``parse_release_name`` is
-the one reading of ``active``, shared by the routers and the controller.
+pools) are DNS labels, releases, instances and hosts a little freer.
+``parse_release_name`` and ``parse_weights`` are the one reading of
+``active`` and of ``weights``, shared by the routers and the controller.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ APP_KEY_DEPTH = {
     "weights": 3,
     "env": 3,
     "lock": 3,
+    "abort": 3,
     "version": 3,
     "history": 4,
     "releases": 5,
@@ -79,6 +83,10 @@ def env(name: str) -> str:
 
 def lock(name: str) -> str:
     return f"{APPS}{name}/lock"
+
+
+def abort(name: str) -> str:
+    return f"{APPS}{name}/abort"
 
 
 def version(name: str) -> str:
@@ -126,8 +134,8 @@ def pool(name: str) -> str:
 @dataclass(frozen=True)
 class Key:
     """What a relative key is. ``kind`` is one of the layout's kinds
-    ("config", "active", "weights", "env", "lock", "version", "history", "instance",
-    "cert", "router", "host", "pool"), "invalid" for a key under an app
+    ("config", "active", "weights", "env", "lock", "abort", "version", "history",
+    "instance", "cert", "router", "host", "pool"), "invalid" for a key under an app
     whose path has the wrong shape for its kind (``name`` then holds that
     kind: "releases" for apps/x/releases/r), or "other" for anything else."""
 
@@ -178,3 +186,28 @@ def parse_release_name(key: str, raw: bytes) -> str:
     if RELEASE_NAME.fullmatch(text) is None:
         raise InvalidValue(key, f"active release {text!r} must match {RELEASE_NAME.pattern}")
     return text
+
+
+MAX_WEIGHTED = 16  # releases one weights value may name
+
+
+def parse_weights(key: str, raw: bytes) -> dict[str, int]:
+    """The value of ``weights``: ``{"<release>": <0..100>, ...}`` summing to 100.
+
+    Only the value is judged here; whether each release has instances is the
+    reader's to check against the rest of the snapshot.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidValue(key, f"not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or not 1 <= len(data) <= MAX_WEIGHTED:
+        raise InvalidValue(key, f"weights must be an object naming 1 to {MAX_WEIGHTED} releases")
+    for name, share in data.items():
+        if RELEASE_NAME.fullmatch(name) is None:
+            raise InvalidValue(key, f"release name {name!r} must match {RELEASE_NAME.pattern}")
+        if isinstance(share, bool) or not isinstance(share, int) or not 0 <= share <= 100:
+            raise InvalidValue(key, f"weight of {name} must be 0..100, got {share!r}")
+    if sum(data.values()) != 100:
+        raise InvalidValue(key, f"weights must sum to 100, not {sum(data.values())}")
+    return dict(data)

@@ -6,9 +6,12 @@ The image is a ``docker import`` of a tar holding Debian's static busybox
 (no registry is reachable here): ``/start.sh`` writes ``<app> <release>
 <MESSAGE>`` to ``/www/index.html`` and execs busybox ``httpd`` on ``$PORT``.
 Environment knobs make the failure cases: ``DELAY`` seconds before serving,
-``DIE`` exits with that code instead. ``DockerFaults`` stands between
-routerd and the engine and fails the requests a test names, as a real
-engine or a broken connection would. Does not import routerd.
+``DIE`` exits with that code instead, ``FAIL_PERCENT`` answers ``/`` from a
+CGI script that fails about that share of requests with a 500 (the health
+path still answers 200, as a release that is healthy but broken would).
+``DockerFaults`` stands between routerd and the engine and fails the
+requests a test names, as a real engine or a broken connection would.
+Does not import routerd.
 """
 
 from __future__ import annotations
@@ -39,16 +42,28 @@ import pytest
 import requests
 from helpers import PREFIX, REPO, Etcd, in_ci
 
-IMAGE = "routerd-test-app:2"
+IMAGE = "routerd-test-app:3"
 BUSYBOX_TOOLS = ("sh", "httpd", "sleep", "echo", "mkdir", "cat", "true")
 START = """#!/bin/sh
 sleep "${DELAY:-0}"
 if [ -n "$DIE" ]; then echo "dying with code $DIE"; exit "$DIE"; fi
 mkdir -p /www
-echo "${ROUTERD_APP} ${ROUTERD_RELEASE} ${MESSAGE}" > /www/index.html
+if [ -z "$FAIL_PERCENT" ]; then
+    echo "${ROUTERD_APP} ${ROUTERD_RELEASE} ${MESSAGE}" > /www/index.html
+fi
 echo ok > /www/healthz
 echo "${ROUTERD_APP} ${ROUTERD_RELEASE} listening on ${PORT}"
 exec httpd -f -v -p "$PORT" -h /www
+"""
+# What busybox httpd runs for "/" when there is no index.html (FAIL_PERCENT set).
+FAILING_INDEX = """#!/bin/sh
+if [ "$((RANDOM % 100))" -lt "$FAIL_PERCENT" ]; then
+    printf 'HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n'
+    echo "${ROUTERD_APP} ${ROUTERD_RELEASE} failing"
+else
+    printf 'Content-Type: text/plain\r\n\r\n'
+    echo "${ROUTERD_APP} ${ROUTERD_RELEASE} ${MESSAGE}"
+fi
 """
 
 
@@ -88,7 +103,7 @@ def _file_type(path: Path) -> bytes:
 def image_tar(busybox: Path) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for folder in ("bin", "www", "tmp"):
+        for folder in ("bin", "www", "www/cgi-bin", "tmp"):
             info = tarfile.TarInfo(folder)
             info.type, info.mode = tarfile.DIRTYPE, 0o1777 if folder == "tmp" else 0o755
             tar.addfile(info)
@@ -97,10 +112,11 @@ def image_tar(busybox: Path) -> bytes:
             info = tarfile.TarInfo(f"bin/{tool}")
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
-        script = START.encode()
-        info = tarfile.TarInfo("start.sh")
-        info.mode, info.size = 0o755, len(script)
-        tar.addfile(info, io.BytesIO(script))
+        for path, text in (("start.sh", START), ("www/cgi-bin/index.cgi", FAILING_INDEX)):
+            script = text.encode()
+            info = tarfile.TarInfo(path)
+            info.mode, info.size = 0o755, len(script)
+            tar.addfile(info, io.BytesIO(script))
     return buffer.getvalue()
 
 
@@ -146,6 +162,7 @@ class Deploy:
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True
         )
         self.lines: list[str] = []
+        self.stamps: list[float] = []  # time.monotonic() as each line arrived
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -153,6 +170,7 @@ class Deploy:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.stamps.append(time.monotonic())
             self.lines.append(line.rstrip("\n"))
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
@@ -181,6 +199,10 @@ class Deploy:
         self._reader.join(5)
         self.elapsed = time.monotonic() - self.started
         return code
+
+    def stamp(self, fragment: str) -> float:
+        """When the first line containing ``fragment`` arrived."""
+        return next(t for t, line in zip(self.stamps, self.lines, strict=True) if fragment in line)
 
     @property
     def output(self) -> str:
@@ -239,18 +261,24 @@ def stop_signal_name(code: int) -> str:
 class Load:
     """Threads sending requests through nginx, a new connection each, counting failures."""
 
+    def sent_between(self, start: float, end: float) -> int:
+        """Requests sent from ``start`` to ``end`` (time.monotonic())."""
+        return sum(1 for t in self.sent if start <= t <= end)
+
     def __init__(self, router: Any, host: str, threads: int = 4) -> None:
         self.url = f"http://127.0.0.1:{router.http_port}/"
         self.host = host
         self.stop = threading.Event()
         self.ok: collections.Counter[str] = collections.Counter()
         self.failures: list[str] = []
+        self.sent: list[float] = []  # time.monotonic() as each request was sent
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
 
     def _run(self) -> None:
         for _ in itertools.count():
             if self.stop.is_set():
                 return
+            self.sent.append(time.monotonic())
             try:
                 answer = requests.get(
                     self.url, headers={"Host": self.host, "Connection": "close"}, timeout=5

@@ -226,6 +226,7 @@ def values() -> st.SearchStrategy[bytes]:
         instances().map(str.encode),
         release_names().map(str.encode),
         encoded(json_values()),
+        encoded(st.dictionaries(release_names(), st.integers(-1, 101), max_size=3)),
         st.binary(max_size=40),
         st.text(max_size=40).map(lambda t: t.encode("utf-8", "surrogatepass")),
         st.sampled_from(OVERSIZE),
@@ -239,6 +240,7 @@ def keys(taken: set[str]) -> st.SearchStrategy[str]:
     shaped = st.one_of(
         app.map(lambda a: f"apps/{a}/config"),
         app.map(lambda a: f"apps/{a}/active"),
+        app.map(lambda a: f"apps/{a}/weights"),
         st.builds(
             lambda a, r, i: f"apps/{a}/releases/{r}/{i}", app, release_names(), release_names()
         ),
@@ -248,6 +250,7 @@ def keys(taken: set[str]) -> st.SearchStrategy[str]:
         app.map(lambda a: f"apps/{a}"),
         app.map(lambda a: f"apps/{a}/releases/v1"),
         app.map(lambda a: f"apps/{a}/releases/v1/i0/extra"),
+        app.map(lambda a: f"apps/{a}/weights/extra"),
         app.map(lambda a: f"apps/{a}/nonsense"),
         st.sampled_from(["apps//config", "apps/", "certs/", "routers/x", "hosts/h", "pools/p", ""]),
         st.text(max_size=30),
@@ -257,13 +260,20 @@ def keys(taken: set[str]) -> st.SearchStrategy[str]:
     )
 
 
+def weights() -> st.SearchStrategy[str]:
+    """What may follow an instance in a push: nothing, or "=" and a weight near or off the form."""
+    return st.one_of(
+        st.just(""),
+        st.integers(1, 1_000_000).map(lambda w: f"={w}"),
+        st.sampled_from(["=0", "=01", "=1000001", "=", "==2", "=-1", "=1e3", "= 2", "=99999999"]),
+    )
+
+
 def push_lines() -> st.SearchStrategy[str]:
     """One line of a balancer push: an app and its instances, near or off the format."""
+    address = st.builds(lambda h, p: f"{h}:{p}", st.one_of(ipv4(), ipv6()), ports())
     addresses = st.lists(
-        st.one_of(
-            st.builds(lambda h, p: f"{h}:{p}", st.one_of(ipv4(), ipv6()), ports()), instances()
-        ),
-        max_size=3,
+        st.one_of(st.builds(str.__add__, address, weights()), instances()), max_size=3
     )
     return st.one_of(
         st.builds(lambda a, xs: f"{a} {','.join(xs)}", app_names(), addresses),
@@ -353,14 +363,20 @@ def valid_instances() -> st.SearchStrategy[str]:
 
 def valid_apps() -> st.SearchStrategy[dict[str, bytes]]:
     """The keys of one app whose every value is of a valid form: its config, an
-    active release (or none) and a few instances."""
+    active release (or none), weights between v1 and v2 (or none) and a few instances."""
 
     def keys_of(
-        name: str, config: dict[str, Any], active: str | None, found: list[tuple[str, str, str]]
+        name: str,
+        config: dict[str, Any],
+        active: str | None,
+        share: int | None,
+        found: list[tuple[str, str, str]],
     ) -> dict[str, bytes]:
         out = {f"apps/{name}/config": json.dumps(config).encode()}
         if active is not None:
             out[f"apps/{name}/active"] = active.encode()
+        if share is not None:
+            out[f"apps/{name}/weights"] = json.dumps({"v1": 100 - share, "v2": share}).encode()
         for release, instance, address in found:
             out[f"apps/{name}/releases/{release}/{instance}"] = address.encode()
         return out
@@ -373,6 +389,7 @@ def valid_apps() -> st.SearchStrategy[dict[str, bytes]]:
             optional={"options": valid_options()},
         ),
         st.one_of(st.none(), st.sampled_from(["v1", "v2"])),
+        st.one_of(st.none(), st.integers(0, 100)),
         st.lists(
             st.tuples(
                 st.sampled_from(["v1", "v2"]), st.sampled_from(["a", "b", "c"]), valid_instances()

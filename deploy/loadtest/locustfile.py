@@ -118,11 +118,11 @@ def record(started: float, failure: str | None) -> None:
 
 def failure_kind(status: int, body: str, error: BaseException | None, expect: str) -> str | None:
     """None for a good answer; else what kind of failure it was, for the report."""
+    if status >= 400:  # first: FastHttpUser sets ``error`` for these answers too
+        return f"http {status}"
     if error is not None or status == 0:
         text = f"{type(error).__name__}: {error}".lower() if error else ""
         return "timeout" if "timeout" in text or "timed out" in text else "connection"
-    if status >= 400:
-        return f"http {status}"
     if expect and expect not in body:
         return "misroute"
     return None

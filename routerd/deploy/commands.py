@@ -1,5 +1,6 @@
-"""The deploy controller's commands: ``deploy``, ``rollback``, ``scale``,
-``gc``, ``status``, and ``hosts`` (from ``host_commands``).
+"""The deploy controller's commands: ``deploy`` (with its canary flags and
+``--abort``), ``rollback``, ``scale``, ``gc``, ``status``, and ``hosts``
+(from ``host_commands``).
 
 Flags are checked here, each failure naming its flag, before anything
 starts; a deploy or a scale runs as one task that SIGINT or SIGTERM
@@ -19,18 +20,28 @@ from typing import Any, TypeVar
 import click
 
 from routerd import keys
+from routerd.deploy.canary import Canary, Thresholds
 from routerd.deploy.engines import Engines, connect
 from routerd.deploy.host_commands import hosts, pairs
 from routerd.deploy.hosts import MAX_CPUS, MAX_MEMORY_MB, MIN_CPUS, MIN_MEMORY_MB
-from routerd.deploy.releases import ENV_NAME, MAX_REPLICAS, ReleaseSpec, pool_of, spec_problems
+from routerd.deploy.releases import (
+    ENV_NAME,
+    MAX_REPLICAS,
+    ReleaseSpec,
+    describe_weights,
+    pool_of,
+    read_weights,
+    spec_problems,
+)
 from routerd.deploy.routers import live_routers, router_statuses, traffic_of
-from routerd.errors import ConfigError, ContainerError
+from routerd.errors import ConfigError, ContainerError, InvalidValue
 from routerd.keys import APP_NAME, RELEASE_NAME
 from routerd.settings import Command, etcd_options, etcd_settings, flag
 from routerd.store import Snapshot, Store
 
 EXIT_INTERRUPTED = 130
 POSITIVE = click.FloatRange(min=0, min_open=True)
+MAX_CANARY_STEPS = 10
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -112,6 +123,31 @@ def release_spec(params: Mapping[str, Any]) -> ReleaseSpec:
     return spec
 
 
+def canary_of(params: Mapping[str, Any]) -> Canary | None:
+    """``--canary 10,50`` and its thresholds; None without --canary."""
+    text = params.get("canary")
+    if not text:
+        return None
+    try:
+        steps = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise ConfigError("--canary", f"{text!r} must be percentages like 10,50") from None
+    ok = all(1 <= p <= 99 for p in steps) and list(steps) == sorted(set(steps))
+    if not ok or len(steps) > MAX_CANARY_STEPS:
+        raise ConfigError(
+            "--canary",
+            f"{text!r} must be 1 to {MAX_CANARY_STEPS} rising percentages, each 1..99",
+        )
+    if params["no_wait_routers"]:
+        raise ConfigError("--canary", "judges the routers' figures: drop --no-wait-routers")
+    thresholds = Thresholds(
+        max_error_rate=params["max_error_rate"],
+        min_requests=params["min_requests"],
+        max_p99_ms=params["max_p99"],
+    )
+    return Canary(steps, params["canary_interval"], thresholds)
+
+
 def options_of(params: Mapping[str, Any]) -> Any:
     from routerd.deploy.plan import DeployOptions
 
@@ -122,6 +158,7 @@ def options_of(params: Mapping[str, Any]) -> Any:
         wait_routers=not params["no_wait_routers"],
         stop_timeout=params["stop_timeout"],
         rollback_timeout=params["rollback_timeout"],
+        canary=canary_of(params),
     )
 
 
@@ -172,9 +209,40 @@ async def open_for(store: Store, params: Mapping[str, Any]) -> Engines:
     )
 
 
+def canary_options(command: F) -> F:
+    """Canary steps of a deploy, and ``--abort`` of a running one."""
+    options = [
+        flag(
+            "--canary",
+            metavar="P,P...",
+            help="canary steps: the new release's percent of requests at each, before 100 %",
+        ),
+        flag("--canary-interval", default=60.0, type=POSITIVE, help="seconds each step is watched"),
+        flag(
+            "--max-error-rate",
+            default=1.0,
+            type=click.FloatRange(0, 100),
+            help="percent of the new release's requests answered 5xx that rolls back",
+        ),
+        flag(
+            "--min-requests",
+            default=50,
+            type=click.IntRange(min=1),
+            help="requests of the new release a step must see to be judged",
+        ),
+        flag(
+            "--max-p99", type=POSITIVE, metavar="MS", help="its p99 upstream time that rolls back"
+        ),
+        flag("--abort", is_flag=True, help="make APP's running canary deploy roll back, and wait"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command(cls=Command)
 @click.argument("app")
-@flag("--image", required=True, help="an image on the engine (never pulled)")
+@flag("--image", help="an image on the engine (never pulled); required unless --abort")
 @flag("--replicas", default=1, type=int, help="containers")
 @flag("--port", default=5000, type=int, help="$PORT inside the container on a bridge network")
 @flag("--env", multiple=True, metavar="K=V", help="environment (repeatable)")
@@ -202,19 +270,45 @@ async def open_for(store: Store, params: Mapping[str, Any]) -> Engines:
     metavar="K=V[,K=V]",
     help="run only on hosts with this tag (repeatable)",
 )
+@canary_options
 @deploy_options
 def deploy(app: str, **params: Any) -> int:
     """Blue-green deploy of a new release: six steps, rolled back on failure.
 
     Where hosts are registered (routerd hosts add), each container goes to a
     host of the app's pool that carries every --constraint and has room for
-    --cpus and --memory beside what runs there, spreading the replicas."""
+    --cpus and --memory beside what runs there, spreading the replicas.
+
+    With --canary 10,50 the new release first takes 10 %, then 50 % of the
+    requests (apps/<app>/weights), each step watched for --canary-interval
+    seconds; it is rolled back as soon as the routers count more than
+    --max-error-rate percent 5xx among its requests over a step (or a p99
+    over --max-p99), once --min-requests requests were seen. --abort makes
+    such a deploy, running elsewhere, roll back the same way."""
     check_app(app)
+    if params["abort"]:
+        return abort_deploy(app, params)
+    if not params["image"]:
+        raise ConfigError("--image", "is required (unless --abort)")
     release = params["release"]
     if release and RELEASE_NAME.fullmatch(release) is None:
         raise ConfigError("--release", f"{release!r} must match {RELEASE_NAME.pattern}")
     spec = release_spec(params)
     return drive(params, lambda deployer: deployer.deploy(app, spec, release=release))
+
+
+def abort_deploy(app: str, params: Mapping[str, Any]) -> int:
+    """``deploy --abort``: as long as the running deploy's rollback may take, at most."""
+    from routerd.deploy.abort import abort
+
+    timeout = params["rollback_timeout"] + params["router_timeout"] + params["stop_timeout"] + 10
+
+    async def work() -> None:
+        async with Store(etcd_settings(params)) as store:
+            await abort(store, app, timeout=timeout, say=say)
+
+    asyncio.run(work())
+    return 0
 
 
 @click.command(cls=Command)
@@ -321,6 +415,13 @@ def print_app(snapshot: Snapshot, name: str) -> None:
         f"app {name}"
         + (f" (active release {active.value.decode('utf-8', 'replace')})" if active else "")
     )
+    try:
+        shares = read_weights(snapshot, name)
+    except InvalidValue as exc:
+        print(f"  weights: unreadable ({exc.message})")
+    else:
+        if shares is not None:
+            print(f"  weights: {describe_weights(shares)}")
     base = keys.releases(name)
     for key in sorted(k for k in snapshot.kvs if k.startswith(base)):
         release, _, instance = key[len(base) :].partition("/")

@@ -4,8 +4,11 @@
     2 register  their instances and the release's history, one transaction
     3 render    every live router of the app's pool processed that revision
     4 reload    ... and reports no error about this app
-    5 switch    ``active`` to the new release, only if nobody changed it
-                meanwhile; then wait for the routers again
+    5 switch    ``active`` to the new release (and any ``weights`` gone),
+                only if nobody changed it meanwhile; then wait for the
+                routers again. With ``--canary``, first the canary steps
+                (``routerd.deploy.progressive``): the new release takes a
+                growing share of ``weights``, judged on the routers' figures
     6 destroy   drain, then remove the old release's keys and containers
 
 The plan, before step 1, fails at once when the pool has no live router
@@ -43,6 +46,7 @@ from routerd.deploy import configvars, releases, routers
 from routerd.deploy.engines import Engines, place_release, remove_release
 from routerd.deploy.plan import DeployOptions, Journal, Plan
 from routerd.deploy.progress import Progress, Say, brief
+from routerd.deploy.progressive import CanarySteps, read_traffic
 from routerd.deploy.releases import Lock, Release, ReleaseSpec
 from routerd.deploy.runtime import Container, ContainerSpec, run_all, wait_healthy
 from routerd.deploy.undo import Undo
@@ -90,7 +94,12 @@ class Deployer:
         if problems := releases.spec_problems(spec):
             raise DeployError(f"cannot deploy {app} {name}: {'; '.join(problems)}")
         self.interruptible = True
-        lock = Lock(self.store, app, f"deploy {name}", ttl=self.options.lock_ttl)
+        canary = self.options.canary
+        doing, extra = f"deploy {name}", {}
+        if canary is not None:  # routerd deploy --abort can stop it
+            doing += " with canary steps " + ",".join(map(str, canary.steps))
+            extra = {"abortable": True, "release": name}
+        lock = Lock(self.store, app, doing, ttl=self.options.lock_ttl, **extra)
         await lock.acquire()
         try:
             back_to = rollback_of.name if rollback_of else None
@@ -140,6 +149,7 @@ class Deployer:
         if config is None:
             raise DeployError(f"app {app} has no config; run: routerd apps set {app} --domain ...")
         active_kv = snapshot.kvs.get(keys.active(app))
+        weights_kv = snapshot.kvs.get(keys.weights(app))
         active = releases.active_release(snapshot, app)
         registered = set(releases.registered_releases(snapshot, app))
         if new.name in registered or new.name == active:
@@ -149,6 +159,8 @@ class Deployer:
         reports = (
             await routers.require_routers(self.store, pool) if self.options.wait_routers else []
         )
+        if self.options.canary is not None and (active or registered):
+            await self._check_canary(app, active, reports)
         version, version_mod = releases.next_version(snapshot, app)
         if rollback_of is not None:
             new = replace(new, config_vars=rollback_of.config_vars, version=version)
@@ -180,7 +192,22 @@ class Deployer:
             version_mod=version_mod,
             restore_config=restore,
             placement=tuple(placement),
+            weights_mod=weights_kv.mod_revision if weights_kv else 0,
         )
+
+    async def _check_canary(
+        self, app: str, active: str | None, reports: list[RouterStatus]
+    ) -> None:
+        """Canary steps need a release to take traffic from and every router's figures."""
+        if active is None:
+            raise DeployError(
+                f"--canary needs an active release of {app} to take traffic from; there is "
+                "none (every registered release serves): deploy without --canary"
+            )
+        try:
+            await read_traffic(reports, app)
+        except DeployError as exc:
+            raise DeployError(f"cannot judge canary steps of {app}: {exc}") from exc
 
     def _config_vars(self, app: str, snapshot: Snapshot) -> dict[str, str]:
         kv = snapshot.kvs.get(keys.env(app))
@@ -226,6 +253,7 @@ class Deployer:
         await self._start(plan, journal, progress)
         revision = await self._register(plan, lock, journal, progress)
         await self._confirm(plan, revision, progress)
+        await self._canary(plan, lock, journal, progress)
         await self._switch(plan, lock, journal, progress)
         await self._destroy(plan, lock, journal, progress)
 
@@ -298,22 +326,42 @@ class Deployer:
             self.store, pool=plan.pool, revision=revision, timeout=self.options.router_timeout
         )
 
+    async def _canary(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> None:
+        canary = self.options.canary
+        if canary is None:
+            return
+        new = plan.release.name
+        if plan.first:
+            progress.line(5, "canary", f"nothing to compare with: {new} is the app's first release")
+            return
+        shares = ", ".join(f"{p} %" for p in canary.steps)
+        what = f"{new} takes {shares} for {canary.interval:g} s each, then 100 %"
+        async with progress.step(5, "canary", what):
+            steps = CanarySteps(self.store, self.options, canary, progress, self._why_refused)
+            await steps.run(plan, lock, journal)
+
     async def _switch(self, plan: Plan, lock: Lock, journal: Journal, progress: Progress) -> None:
         new = plan.release
         if plan.first:
             progress.line(5, "switch", f"nothing to switch from; {new.name} is active already")
             return
         what = f"active {plan.active or '(none)'} -> {new.name}"
+        if journal.weights:
+            what += ", weights removed"
         async with progress.step(5, "switch", what) as notes:
             lock.ensure_held()
-            active = keys.active(plan.app)
+            active, weights = keys.active(plan.app), keys.weights(plan.app)
             guard = Check(active, mod_revision=plan.active_mod) if plan.active else Check(active)
-            ops = [
+            checks = [lock.check(), guard]
+            if journal.weights:  # as the canary's last step left them
+                checks.append(Check(weights, value=journal.weights[-1]))
+            ops: list[Put | Delete] = [
                 Put(active, new.name.encode()),
+                Delete(weights),  # weights would override active
                 Put(keys.history(plan.app, new.name), new.activated_now().to_json()),
             ]
             journal.switched = True
-            revision = await self.store.transaction([lock.check(), guard], ops)
+            revision = await self.store.transaction(checks, ops)
             if revision is None:
                 raise DeployError(await self._why_refused(plan, lock))
             if self.options.wait_routers:
@@ -361,6 +409,8 @@ class Deployer:
         if lock.lost or lock_kv is None or lock_kv.value != lock.token:
             return lock.lost_reason
         active = snapshot.kvs.get(keys.active(plan.app))
+        if active is not None and active.mod_revision == plan.active_mod:
+            return f"weights of {plan.app} were changed by someone else meanwhile; giving up"
         now = active.value.decode("utf-8", "replace") if active else "(none)"
         written = f"written at revision {active.mod_revision}" if active else "deleted"
         return (

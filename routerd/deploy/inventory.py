@@ -3,8 +3,9 @@
 ``collect_garbage`` removes what a crashed controller left behind: containers
 labelled for a release nothing routes to (or that are no instance of the
 release they are labelled for), and releases registered beside the
-active one (a deploy that died between register and switch; the history of
-such a release goes too unless it once served). It takes each app's deploy
+active one and any the weights give a share (a deploy that died between
+register and switch; the history of such a release goes too unless it once
+served). It takes each app's deploy
 lock first, so it never touches a deploy in progress, and leaves alone the
 containers of an app etcd has no config for (unless forced): those are
 someone else's, or the prefix is wrong. Every host's engine is looked at;
@@ -22,9 +23,16 @@ from dataclasses import dataclass
 from routerd import keys
 from routerd.deploy import releases, routers
 from routerd.deploy.engines import Engines, remove_each
-from routerd.deploy.releases import Lock, Release, active_release, registered_releases
+from routerd.deploy.releases import (
+    Lock,
+    Release,
+    active_release,
+    describe_weights,
+    read_weights,
+    registered_releases,
+)
 from routerd.deploy.runtime import Container
-from routerd.errors import ContainerError, DeployError, LockHeld
+from routerd.errors import ContainerError, DeployError, InvalidValue, LockHeld
 from routerd.routerstatus import RouterStatus
 from routerd.store import Delete, Snapshot, Store
 
@@ -32,9 +40,19 @@ Say = Callable[[str], None]
 
 
 def routed(snapshot: Snapshot, app: str) -> set[str]:
-    """The releases routers send traffic to: the active one, else every registered one."""
-    active = active_release(snapshot, app)
-    return {active} if active else set(registered_releases(snapshot, app))
+    """The releases routers may send traffic to: those the weights give a share
+    (and the active one), else the active one, else every registered one.
+    Weights that are not valid leave the routers on an earlier value: then
+    every release may be routed."""
+    active = {name} if (name := active_release(snapshot, app)) else set()
+    every = set(registered_releases(snapshot, app))
+    try:
+        shares = read_weights(snapshot, app)
+    except InvalidValue:
+        return every | active
+    if shares is not None:
+        return {release for release, share in shares.items() if share} | active
+    return active or every
 
 
 # ---------------------------------------------------------------------- gc
@@ -152,6 +170,7 @@ async def _collect_app(
 class AppStatus:
     app: str
     active: str | None
+    weights: str | None  # "v1 90 %, v2 10 %" when weights are set; unreadable ones say so
     history: list[Release]
     instances: dict[str, dict[str, str]]
     containers: list[Container] | None  # None: no engine could be asked
@@ -169,26 +188,42 @@ async def describe(store: Store, engines: Engines | None, app: str, *, pool: str
         containers = None if len(unlisted) == every else found
         error = "; ".join(f"{h}: {why}" for h, why in sorted(unlisted.items())) or None
     reports = await routers.live_routers(store, pool)
-    since = active_kv.mod_revision if active_kv else 0
+    weights_kv = snapshot.kvs.get(keys.weights(app))
+    since = max(kv.mod_revision if kv else 0 for kv in (active_kv, weights_kv))
     active = active_release(snapshot, app)
+    shown = _weights_shown(snapshot, app)
     return AppStatus(
         app=app,
         active=active,
+        weights=shown,
         history=releases.history(snapshot, app),
         instances=registered_releases(snapshot, app),
         containers=containers,
         runtime_error=error,
-        routers=[_router_line(r, store.prefix, app, active, since) for r in reports],
+        routers=[_router_line(r, store.prefix, app, active, shown, since) for r in reports],
     )
 
 
+def _weights_shown(snapshot: Snapshot, app: str) -> str | None:
+    try:
+        shares = read_weights(snapshot, app)
+    except InvalidValue as exc:
+        return f"unreadable ({exc.message})"
+    return None if shares is None else describe_weights(shares)
+
+
 def _router_line(
-    report: RouterStatus, prefix: str, app: str, active: str | None, since: int
+    report: RouterStatus,
+    prefix: str,
+    app: str,
+    active: str | None,
+    weights: str | None,
+    since: int,
 ) -> str:
     errors = report.errors_about(prefix, app, active or "")
     if errors:
         return f"{report.router_id}: error {errors[0].key}: {errors[0].error}"
     if report.revision < since:
         return f"{report.router_id}: behind (revision {report.revision} < {since})"
-    serves = active or "every registered release"
+    serves = f"weights {weights}" if weights else active or "every registered release"
     return f"{report.router_id}: serves {serves} (revision {report.revision})"

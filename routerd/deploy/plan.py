@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from routerd.deploy.canary import Canary
 from routerd.deploy.releases import Release
 from routerd.deploy.runtime import Container
 
@@ -23,6 +24,7 @@ class DeployOptions:
     stop_timeout: float = 10.0
     lock_ttl: int = 10
     rollback_timeout: float = 30.0
+    canary: Canary | None = None  # --canary: weighted steps before the switch
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Plan:
     version_mod: int = 0  # mod revision of apps/<app>/version as read; 0 when absent
     restore_config: dict[str, str] | None = None  # a rollback puts these config vars back
     placement: tuple[str, ...] = ()  # the host of each container; "" for the one local engine
+    weights_mod: int = 0  # mod revision of ``weights`` as read; 0 when there are none
 
     def host_of(self, index: int) -> str:
         return self.placement[index] if index < len(self.placement) else ""
@@ -61,5 +64,6 @@ class Journal:
     threads: list[asyncio.Future[Any]] = field(default_factory=list)  # runtime calls in flight
     containers: list[Container] = field(default_factory=list)
     registered: bool = False  # the register transaction was sent (its outcome may be unknown)
+    weights: list[bytes] = field(default_factory=list)  # canary weights sent, in order
     switched: bool = False  # the switch transaction was sent
     committed: bool = False  # the drain is over: no way back

@@ -9,10 +9,11 @@
   number is never given twice, even once its record is pruned or a failed
   deploy's record is removed.
 - ``apps/<app>/lock``: one deploy per app, held on a lease, so the lock of a
-  controller that crashed expires by itself; its value says who holds it.
+  controller that crashed expires by itself; its value says who holds it,
+  and whether ``routerd deploy --abort`` can stop it (``routerd.deploy.abort``).
 
-Routers ignore both (only ``config``, ``active`` and ``releases/`` are
-routing input), so writing them never changes nginx.conf.
+Routers ignore them (only ``config``, ``active``, ``weights`` and
+``releases/`` are routing input), so writing them never changes nginx.conf.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from routerd.deploy.hosts import (
     tag_problems,
 )
 from routerd.errors import DeployError, InvalidValue, LockHeld, StoreError
-from routerd.keys import RELEASE_NAME, parse_release_name
+from routerd.keys import RELEASE_NAME, parse_release_name, parse_weights
 from routerd.logs import log
 from routerd.store import Check, Delete, Put, Snapshot, Store
 
@@ -83,6 +84,18 @@ def active_release(snapshot: Snapshot, app: str) -> str | None:
         return parse_release_name(keys.active(app), kv.value)
     except InvalidValue:
         return None
+
+
+def read_weights(snapshot: Snapshot, app: str) -> dict[str, int] | None:
+    """The ``weights`` value, read as the routers read it; None when absent,
+    InvalidValue (naming the key) when it is not a valid one."""
+    kv = snapshot.kvs.get(keys.weights(app))
+    return None if kv is None else parse_weights(keys.weights(app), kv.value)
+
+
+def describe_weights(shares: Mapping[str, int]) -> str:
+    """``v1 90 %, v2 10 %``."""
+    return ", ".join(f"{release} {share} %" for release, share in shares.items())
 
 
 def registered_releases(snapshot: Snapshot, app: str) -> dict[str, dict[str, str]]:
@@ -302,15 +315,24 @@ def prune_ops(releases: list[Release], keep: set[str], app: str) -> list[Put | D
 # ------------------------------------------------------------------- lock
 
 
-def holder_description(doing: str) -> bytes:
+def whoami() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def holder_description(doing: str, **extra: Any) -> bytes:
+    """The lock's value; ``extra`` adds fields (a canary deploy: ``abortable``, ``release``)."""
     return json.dumps(
-        {
-            "holder": f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
-            "doing": doing,
-            "since": now(),
-            "token": secrets.token_hex(8),
-        }
+        {"holder": whoami(), "doing": doing, "since": now(), "token": secrets.token_hex(8), **extra}
     ).encode()
+
+
+def read_holder(raw: bytes) -> dict[str, Any]:
+    """The lock's value as an object; empty when it is none (a foreign writer's)."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def describe_holder(raw: bytes | None) -> str:
@@ -330,12 +352,13 @@ class Lock:
     while this controller still holds the lock check it.
     """
 
-    def __init__(self, store: Store, app: str, doing: str, *, ttl: int = 10) -> None:
+    def __init__(self, store: Store, app: str, doing: str, *, ttl: int = 10, **extra: Any) -> None:
         self.store = store
         self.key = keys.lock(app)
         self.app = app
         self.ttl = ttl
-        self.token = holder_description(doing)
+        self.token = holder_description(doing, **extra)
+        self.secret: str = read_holder(self.token)["token"]  # names this lock in an abort
         self.lost = False
         self._lease: Any = None
         self._keeper: asyncio.Task[None] | None = None

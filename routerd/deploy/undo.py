@@ -1,8 +1,12 @@
 """Rolling a deploy back: what the ``Journal`` says was done, undone in reverse.
 
-1. ``active`` back to the old release, only if it still names the new one.
+1. A canary's ``weights`` deleted, only if they still hold a value this
+   deploy wrote (``active`` never stopped naming the old release, so it
+   takes every request again); then ``active`` back to the old release,
+   only if it still names the new one.
 2. The new release's instances and history deregistered (not while
-   ``active`` may still name it: that would leave the app nothing to serve).
+   ``active`` or the weights may still name it: that could leave the app
+   nothing to serve).
 3. Where the routers may have routed to the new release, they are waited
    for: nothing may route to a container about to stop. If they do not
    confirm, the new containers keep running and are reported, for the
@@ -62,9 +66,21 @@ class Undo:
     async def _undo_etcd(
         self, plan: Plan, journal: Journal, deadline: float, left: list[str]
     ) -> str | None:
-        """Restore ``active``, deregister; why the routers may still send traffic
-        to the new containers, or None. Failures are appended to ``left``."""
-        new, restored = plan.release.name, None
+        """Remove the weights, restore ``active``, deregister; why the routers may
+        still send traffic to the new containers, or None. Failures are
+        appended to ``left``."""
+        # A revision the routers must reach when they may have routed to the new release.
+        new, routed = plan.release.name, None
+        if journal.weights:
+            try:
+                routed = await self._retry(
+                    "remove weights", lambda: self._unweight(plan, journal), deadline
+                )
+            except Exception as exc:  # noqa: BLE001  (as for active, below)
+                left.append(f"remove weights ({brief(exc)})")
+                if journal.registered:
+                    left.append(f"{new} is still registered, as the weights may name it")
+                return f"the weights may still give {new} a share"
         if journal.switched or (journal.registered and plan.first):
             try:
                 restored = await self._retry(
@@ -75,7 +91,9 @@ class Undo:
                 if journal.registered:  # deregistering would leave active naming nothing
                     left.append(f"{new} is still registered, as active may name it")
                 return f"active may still name {new}"
-        revision = restored or 0
+            if restored is not None:
+                routed = max(routed or 0, restored)
+        revision = routed or 0
         if journal.registered:
             try:
                 deregister = await self._retry(
@@ -84,7 +102,7 @@ class Undo:
                 revision = max(revision, deregister)
             except Exception as exc:  # noqa: BLE001  (one failed undo never stops the others)
                 left.append(f"deregister {new} ({brief(exc)})")
-        if restored is None or not self.options.wait_routers:
+        if routed is None or not self.options.wait_routers:
             return None  # the routers never routed to it, or the person chose not to wait
         return await self._confirm(plan, revision)
 
@@ -112,6 +130,24 @@ class Undo:
         if revision is None:
             return None  # the switch never happened, or someone else moved active on
         self.say(f"rollback: active is {plan.active or '(none)'} again")
+        return revision
+
+    async def _unweight(self, plan: Plan, journal: Journal) -> int:
+        """Delete ``weights`` if they hold a value this deploy wrote; a revision the
+        routers must reach (the weights may have named the new release until then)."""
+        key = keys.weights(plan.app)
+        snapshot = await self.store.range(key)
+        current = snapshot.kvs.get(key)
+        if current is None:  # never written, or the switch removed them
+            return snapshot.revision
+        if current.value not in journal.weights:
+            self.say("rollback: weights were changed by someone else; left as they are")
+            return snapshot.revision
+        revision = await self.store.transaction([Check(key, value=current.value)], [Delete(key)])
+        if revision is None:
+            self.say("rollback: weights were changed by someone else; left as they are")
+            return snapshot.revision
+        self.say(f"rollback: weights removed; {plan.active} takes every request again")
         return revision
 
     async def _deregister(self, plan: Plan) -> int:

@@ -85,7 +85,8 @@ def table_of(routing: RoutingTable) -> dict[str, str]:
 def body(revision: int, entries: Mapping[str, str], *, full: bool) -> str:
     """What nginx's balancer reads, pushed or from the file: a head line
     ``revision <n>`` (`` full`` when ``entries`` is the whole table, not
-    changes), then ``<app> <host:port>,...`` per app (empty: no instance)."""
+    changes), then ``<app> <host:port>,...`` per app (empty: no instance), an
+    instance followed by ``=<weight>`` when the app's weights make it other than 1."""
     head = f"revision {revision}" + (" full" if full else "")
     return "\n".join([head] + [f"{app} {value}" for app, value in entries.items()]) + "\n"
 

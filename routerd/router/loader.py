@@ -3,8 +3,10 @@
 Groups the keys under the prefix by app, parses each through the model's
 parsers once per mod_revision, falls back to a key's last valid form when
 it turns bad, settles contested domains, and picks each app's routed
-instances. ``update`` redoes only the apps whose instances or active
-release changed. Does not render, write or talk to etcd.
+instances: those of the releases ``weights`` gives a share, weighted, or
+else those of the ``active`` release, or else all. ``update`` redoes only
+the apps whose instances, active release or weights changed. Does not
+render, write or talk to etcd.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from routerd import keys
 from routerd.errors import InvalidValue
-from routerd.keys import APP_NAME, RELEASE_NAME, parse_release_name
+from routerd.keys import APP_NAME, RELEASE_NAME, parse_release_name, parse_weights
 from routerd.router.model import (
     IPV4,
     App,
@@ -27,6 +29,7 @@ from routerd.router.model import (
     Instance,
     RoutingTable,
     expect,
+    instance_weights,
     parse_app_config,
     parse_cert,
     parse_domain,
@@ -49,11 +52,13 @@ class _Parsed:
 class _AppKeys:
     config: tuple[str, KeyValue] | None = None
     active: tuple[str, KeyValue] | None = None
+    weights: tuple[str, KeyValue] | None = None
     instances: list[tuple[str, str, str, KeyValue]] = field(default_factory=list)
 
 
-ROUTING_KINDS = frozenset({"config", "active", "instance"})  # what an app is routed by
-ROUTING_SEGMENTS = frozenset({"config", "active", "releases"})  # as spelled in a key
+ROUTING_KINDS = frozenset({"config", "active", "weights", "instance"})  # what an app is routed by
+ROUTING_SEGMENTS = frozenset({"config", "active", "weights", "releases"})  # as spelled in a key
+REROUTING_KINDS = ("active", "weights", "instance")  # what Loader.update redoes an app for
 DNS_TTL_S = 30.0  # how long a DNS name's verdict holds
 
 
@@ -82,6 +87,7 @@ class Loader:
         self.pool = pool
         self._parsed: dict[str, _Parsed] = {}
         self._last_valid: dict[str, Any] = {}
+        self._checked_weights: dict[str, dict[str, int]] = {}  # weights key -> last in force
         self._groups: dict[str, _AppKeys] = {}
         self._dns: dict[str, tuple[bool, float]] = {}  # host -> (resolves, checked at)
 
@@ -103,7 +109,7 @@ class Loader:
     def update(
         self, previous: RoutingTable, snapshot: Snapshot, changed: set[str]
     ) -> RoutingTable | None:
-        """Re-route only the apps whose instances or active release changed.
+        """Re-route only the apps whose instances, active release or weights changed.
 
         The common change (a deploy, a dying instance) costs in proportion to
         the apps it touches, not to all of them. Returns None when a change
@@ -112,7 +118,7 @@ class Loader:
         dirty: set[str] = set()
         for rel in changed:
             key = keys.parse(rel)
-            if key.kind in ("active", "instance"):
+            if key.kind in REROUTING_KINDS:
                 if not self._regroup(rel, key, snapshot):
                     return None
                 dirty.add(key.app or "")
@@ -127,21 +133,23 @@ class Loader:
         return replace(app, instances=instances, registered=registered)
 
     def _routing_key_of(self, key: str) -> str | None:
-        """The app whose active or instance key this is, else None."""
+        """The app whose active, weights or instance key this is, else None."""
         parsed = keys.parse(key[len(self.prefix) + 1 :])
-        return parsed.app if parsed.kind in ("active", "instance") else None
+        return parsed.app if parsed.kind in REROUTING_KINDS else None
 
     def _regroup(self, rel: str, key: keys.Key, snapshot: Snapshot) -> bool:
-        """Move one changed active/instance key into its app's group; False if unsure."""
+        """Move one changed active/weights/instance key into its app's group; False if unsure."""
         group = self._groups.get(key.app or "")
         if group is None or APP_NAME.fullmatch(key.app or "") is None:
             return False  # an app the last full load did not see: let a load decide
         full, kv = keys.absolute(self.prefix, rel), snapshot.kvs.get(rel)
         if kv is None:
-            self._parsed.pop(full, None)
-            self._last_valid.pop(full, None)
+            for cache in (self._parsed, self._last_valid, self._checked_weights):
+                cache.pop(full, None)
         if key.kind == "active":
             group.active = None if kv is None else (full, kv)
+        elif key.kind == "weights":
+            group.weights = None if kv is None else (full, kv)
         else:
             group.instances = [i for i in group.instances if i[0] != full]
             if kv is not None:
@@ -181,6 +189,8 @@ class Loader:
             group.config = (full, kv)
         elif key.kind == "active":
             group.active = (full, kv)
+        elif key.kind == "weights":
+            group.weights = (full, kv)
         elif key.kind == "instance":
             group.instances.append((full, key.release, key.name, kv))
         else:
@@ -188,7 +198,8 @@ class Loader:
 
     def _forget_deleted(self, snapshot: Snapshot) -> None:
         live = {keys.absolute(self.prefix, rel) for rel in snapshot.kvs}
-        for cache in (self._parsed, self._last_valid):
+        caches: tuple[dict[str, Any], ...] = (self._parsed, self._last_valid, self._checked_weights)
+        for cache in caches:
             for key in [k for k in cache if k not in live]:
                 del cache[key]
 
@@ -278,22 +289,52 @@ class Loader:
                 key, kv, functools.partial(parse_release_name, key, kv.value), errors
             )
             # Never valid: as if absent, which is what was served before it came.
-        found: list[Instance] = []
-        registered: list[Instance] = []
         # Every instance is checked, routed or not, so a deploy sees a bad one
         # of its new release before it switches to it.
+        valid: list[tuple[str, Instance]] = []
         for key, release, name, kv in group.instances:
             instance = self._parse_or_last(
                 key, kv, functools.partial(_instance, key, release, name, kv), errors
             )
-            if instance is None:
-                continue
-            registered.append(instance)
-            if active is not None and release != active:
-                continue
-            if self._resolves(key, instance, errors):
-                found.append(instance)
+            if instance is not None:
+                valid.append((key, instance))
+        registered = [instance for _, instance in valid]
+        shares = self._shares(group, {i.release for i in registered}, errors)
+        found = [
+            instance
+            for key, instance in valid
+            if _routes(instance.release, shares, active) and self._resolves(key, instance, errors)
+        ]
+        if shares is not None:
+            found = _weighted(found, shares)
         return tuple(sorted(found, key=_by_name)), tuple(sorted(registered, key=_by_name))
+
+    def _shares(
+        self, group: _AppKeys, releases: set[str], errors: list[Rejection]
+    ) -> dict[str, int] | None:
+        """The weights in force, or None (``active`` decides). A value naming a
+        release without instances is rejected like a bad one: the last value
+        in force stays, or none. A value in force whose releases have all
+        lost their instances since gives way to ``active``."""
+        if group.weights is None:
+            return None
+        key, kv = group.weights
+        rejected = len(errors)
+        parsed = functools.partial(parse_weights, key, kv.value)
+        shares: dict[str, int] | None = self._parse_or_last(key, kv, parsed, errors)
+        if shares is None:
+            return None  # never valid: as if absent
+        missing = sorted(set(shares) - releases)
+        if not missing:
+            self._checked_weights[key] = shares
+        else:
+            if len(errors) == rejected:  # one error per key: a parse error says enough
+                named = ", ".join(missing)
+                errors.append(Rejection(key, f"weights name release(s) with no instance: {named}"))
+            shares = self._checked_weights.get(key)
+        if shares is None or not any(shares[r] for r in releases if r in shares):
+            return None
+        return shares
 
     def _resolves(self, key: str, instance: Instance, errors: list[Rejection]) -> bool:
         """A DNS name nginx cannot resolve makes it refuse the whole config:
@@ -307,6 +348,22 @@ class Loader:
         if not ok:
             errors.append(Rejection(key, f"host {instance.host!r} does not resolve"))
         return ok
+
+
+def _routes(release: str, shares: dict[str, int] | None, active: str | None) -> bool:
+    """Whether ``release`` takes traffic: a share of the weights, else being active."""
+    if shares is not None:
+        return shares.get(release, 0) > 0
+    return active is None or release == active
+
+
+def _weighted(instances: list[Instance], shares: dict[str, int]) -> list[Instance]:
+    """The routed instances, each with its weight (``model.instance_weights``)."""
+    counts: dict[str, int] = {}
+    for instance in instances:
+        counts[instance.release] = counts.get(instance.release, 0) + 1
+    weights = instance_weights(shares, counts)
+    return [replace(i, weight=weights[i.release]) for i in instances]
 
 
 def _by_name(instance: Instance) -> tuple[str, str]:

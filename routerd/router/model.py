@@ -5,8 +5,10 @@ addresses and certificates, each parsed and checked here, one value at a
 time, raising InvalidValue with the key at fault. Any value that is not
 valid JSON, breaks the schema or could smuggle nginx syntax (``;``, braces,
 quotes, newlines, ``$``, control characters) is refused, never escaped.
-The names (``routerd.keys``) and the reading of ``active`` are shared with
-the deploy controller; the loader applies all of them to a whole snapshot.
+The names (``routerd.keys``) and the reading of ``active`` and ``weights``
+are shared with the deploy controller; the loader applies all of them to a
+whole snapshot. ``instance_weights`` turns a weights value into the integral
+per-instance weights both backend modes balance by.
 Nothing else on the router side reads raw etcd values.
 """
 
@@ -16,10 +18,11 @@ import functools
 import hashlib
 import ipaddress
 import json
+import math
 import re
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +37,9 @@ IPV4 = re.compile(r"(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}")
 SIZE = re.compile(r"[0-9]{1,9}[kKmMgG]?")
 MAX_DOMAINS = 100
 MAX_ALLOW = 1000
+EXACT_LCM = 10_000  # instance weights are exact while the counts' lcm is at most this
+WEIGHT_SCALE = 10_000  # per-instance weight of a share of 1 % on one instance, when rounding
+MAX_WEIGHT = 100 * max(EXACT_LCM, WEIGHT_SCALE)  # the largest weight routerd writes
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,16 @@ class Instance:
     name: str
     host: str
     port: int
+    weight: int = 1  # its share of the app's traffic against the other routed instances
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def balanced(self) -> str:
+        """The address as the balancer takes it: ``=<weight>`` follows unless it is 1."""
+        return self.address if self.weight == 1 else f"{self.address}={self.weight}"
 
 
 @dataclass(frozen=True)
@@ -94,8 +106,8 @@ class App:
 
     @functools.cached_property
     def addresses(self) -> str:
-        """ "host:port,host:port": the instance list as the balancer takes it."""
-        return ",".join(i.address for i in self.instances)
+        """ "host:port,host:port=w": the instance list as the balancer takes it."""
+        return ",".join(i.balanced for i in self.instances)
 
     @functools.cached_property
     def ip_only(self) -> bool:
@@ -119,6 +131,33 @@ class RoutingTable:
 
     def app(self, name: str) -> App | None:
         return next((a for a in self.apps if a.name == name), None)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def instance_weights(shares: Mapping[str, int], counts: Mapping[str, int]) -> dict[str, int]:
+    """release -> the weight of each of its instances, so that a release's
+    instances together take its share (percent) of the requests.
+
+    Exact while the least common multiple L of the instance counts is at most
+    EXACT_LCM (always, for two releases of up to 100 instances each): each
+    instance weighs share * L / count, and every weight is divided by their
+    greatest common divisor (90/10 over 2 and 2 instances: 9, 9, 1, 1). Past
+    that, share * WEIGHT_SCALE / count rounded, at least 1: every release's
+    part is then within 0.01 % of its share. Releases with no instance or no
+    share are left out: they take nothing.
+    """
+    live = {r: n for r, n in counts.items() if n > 0 and shares.get(r, 0) > 0}
+    if not live:
+        return {}
+    lcm = math.lcm(*live.values())
+    if lcm <= EXACT_LCM:
+        raw = {r: shares[r] * lcm // n for r, n in live.items()}
+    else:
+        raw = {r: max(1, round(shares[r] * WEIGHT_SCALE / n)) for r, n in live.items()}
+    divisor = math.gcd(*raw.values())
+    return {r: w // divisor for r, w in raw.items()}
 
 
 # ---------------------------------------------------------------- parsers

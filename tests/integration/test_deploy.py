@@ -24,9 +24,7 @@ from deploy_helpers import (
     DockerFaults,
     Load,
     app_containers,
-    build_image,
     deploy_args,
-    docker_client,
     docker_socket,
     release_of,
     remove_app_containers,
@@ -46,13 +44,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def docker() -> Any:
-    client = docker_client()
-    build_image(client)
-    return client
 
 
 @pytest.fixture

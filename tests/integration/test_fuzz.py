@@ -36,7 +36,7 @@ from routerd.keys import APP_NAME
 from routerd.router.backends import Backends, body, detect_lua, table_of
 from routerd.router.loader import Loader
 from routerd.router.master import TEMP_FOLDERS
-from routerd.router.model import parse_app_config
+from routerd.router.model import MAX_WEIGHT, parse_app_config
 from routerd.router.render import Layout, Renderer
 from routerd.router.settings import PACKAGE_TEMPLATES
 from routerd.router.validate import nginx_test
@@ -254,7 +254,8 @@ def expected_state(before: dict[str, str], payload: bytes) -> dict[str, str]:
 
 def valid_line(line: str) -> bool:
     """A line routerd could have sent: an app name, one space, then "" or instances of
-    the forms the model admits (IPv4, [IPv6], a port 1..65535 written plainly)."""
+    the forms the model admits (IPv4, [IPv6], a port 1..65535 written plainly), each
+    maybe followed by "=" and a weight 1..1,000,000 written plainly."""
     app, sep, value = line.partition(" ")
     if not sep or APP_NAME.fullmatch(app) is None:
         return False
@@ -262,6 +263,11 @@ def valid_line(line: str) -> bool:
 
 
 def valid_instance(item: str) -> bool:
+    address, equals, weight = item.partition("=")
+    if equals:
+        if not re.fullmatch(r"[1-9][0-9]{0,6}", weight) or int(weight) > MAX_WEIGHT:
+            return False
+        item = address
     host, colon, port = item.rpartition(":")
     if not colon or not re.fullmatch(r"[1-9][0-9]{0,4}", port) or int(port) > 65535:
         return False
@@ -333,6 +339,12 @@ MALFORMED_PUSHES = {
     "a blank line": "revision 2\n\nshop 1.2.3.4:80\n",
     "an app name ending in '-'": "revision 2\nshop- 1.2.3.4:80\n",
     "an app without its space": "revision 2\n0\n",
+    "a weight of 0": "revision 2\nshop 1.2.3.4:80=0\n",
+    "a weight with a leading zero": "revision 2\nshop 1.2.3.4:80=09\n",
+    "a weight past the largest routerd writes": "revision 2\nshop 1.2.3.4:80=1000001\n",
+    "an empty weight": "revision 2\nshop 1.2.3.4:80=\n",
+    "a weight on its own": "revision 2\nshop =5\n",
+    "two weights": "revision 2\nshop 1.2.3.4:80=2=3\n",
 }
 
 

@@ -23,9 +23,7 @@ import pytest
 from deploy_helpers import (
     Load,
     app_containers,
-    build_image,
     deploy_args,
-    docker_client,
     release_of,
     remove_app_containers,
     run,
@@ -35,13 +33,6 @@ from helpers import PREFIX, REPO, app_config, config_key, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 SECRET = "s3cr3t-" + secrets.token_hex(4)
-
-
-@pytest.fixture(scope="module")
-def docker() -> Any:
-    client = docker_client()
-    build_image(client)
-    return client
 
 
 @pytest.fixture

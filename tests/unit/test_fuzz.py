@@ -220,11 +220,25 @@ ROUTING_KEYS = st.sampled_from(
         "apps/good2/releases/v2/a",
         "apps/good2/active",
         "apps/good3/releases/v1/x",
+        "apps/good1/weights",
+        "apps/good2/weights",
     ]
 )
 CHANGE_VALUES = st.one_of(
     st.none(),
-    st.sampled_from([b"10.0.0.9:80", b"v1", b"v2", b"bad value", b"[::1]:1"]),
+    st.sampled_from(
+        [
+            b"10.0.0.9:80",
+            b"v1",
+            b"v2",
+            b"bad value",
+            b"[::1]:1",
+            b'{"v1": 90, "v2": 10}',
+            b'{"v1": 0, "v2": 100}',
+            b'{"v1": 50, "v3": 50}',
+            b'{"v1": 50, "v2": 40}',
+        ]
+    ),
     fuzz.values(),
 )
 
@@ -237,7 +251,7 @@ CHANGE_VALUES = st.one_of(
 def test_the_incremental_load_and_render_equal_the_full_ones(
     changes: list[list[tuple[str, bytes | None]]],
 ) -> None:
-    """A sequence of instance and active changes (puts, deletes, bad values) gives, through
+    """A sequence of instance, active and weights changes (puts, deletes, bad values) gives, through
     Loader.update and the renderer's dirty shards, the table and files that full loads and
     full renders of the same snapshots give."""
     incremental = Loader(prefix=PREFIX, pool="shared", resolves=resolves)
@@ -258,7 +272,7 @@ def test_the_incremental_load_and_render_equal_the_full_ones(
                 kvs[rel] = KeyValue(value, created, revision)
         snapshot = Snapshot(revision, dict(kvs))
         updated = incremental.update(previous, snapshot, {rel for rel, _ in batch})
-        assert updated is not None  # only instance and active keys changed
+        assert updated is not None  # only instance, active and weights keys changed
         expected = full.load(snapshot)
         assert updated.apps == expected.apps
         assert set(updated.errors) == set(expected.errors)

@@ -85,6 +85,7 @@ EXPECTED_CASES = [
     "maintenance",
     "no_instances",
     "options",
+    "weights",
 ]
 
 

@@ -1,12 +1,15 @@
 -- routerd's balancer: instance lists in a shared dict, applied without a reload.
 --
 -- routerd pushes "<app> <host:port>,<host:port>..." lines to push() over a
--- unix socket only it can reach; every line is validated again here, to the
--- forms routerd itself writes, and a body is applied whole or not at all. The
--- same table is kept in a file that init() loads when nginx starts or
--- reloads, so a new generation never serves without backends. route() runs
--- in the access phase (503 when an app has no instance), balance() in the
--- balancer phase: round robin, moving on to the next instance on failure.
+-- unix socket only it can reach (an instance may carry "=<weight>" when the
+-- app's weights split its traffic between releases); every line is validated
+-- again here, to the forms routerd itself writes, and a body is applied whole
+-- or not at all. The same table is kept in a file that init() loads when
+-- nginx starts or reloads, so a new generation never serves without backends.
+-- route() runs in the access phase (503 when an app has no instance) and
+-- picks the instance: round robin, or with weights nginx's own smooth
+-- weighted round robin, so both backend modes split alike. balance() runs in
+-- the balancer phase, moving on to the next instance on failure.
 
 local balancer = require("ngx.balancer")
 local ffi = require("ffi")
@@ -15,21 +18,42 @@ local _M = {}
 local DICT = "routerd_backends"
 local MAX_TRIES = 3
 local AF_INET, AF_INET6 = 2, 10 -- Linux's numbers
+local MAX_WEIGHT = 1000000 -- the largest weight routerd writes
 
 -- inet_pton, the C library's own parser, decides what an address is.
 pcall(ffi.cdef, "int inet_pton(int af, const char *src, void *dst);")
 local address = ffi.new("unsigned char[16]")
 
-local parsed = {} -- per worker: app -> { raw = "...", peers = { {host, port}, ... } }
+-- per worker: app -> { raw = "...", peers = { {host, port, weight}, ... },
+-- weighted = any weight other than 1, current = smooth round-robin state }
+local parsed = {}
 local next_index = {} -- per worker: app -> round-robin position
 
 local function is_address(family, text)
     return ffi.C.inet_pton(family, text, address) == 1
 end
 
+-- A whole number 1..MAX_WEIGHT written without leading zeros, or nil.
+local function parse_weight(text)
+    if text:sub(1, 1) == "0" or #text > 7 or tonumber(text) > MAX_WEIGHT then
+        return nil
+    end
+    return tonumber(text)
+end
+
 -- Only the forms routerd writes: IPv4 in dotted quads without leading zeros
--- (inet_pton refuses them too), [IPv6], and a port 1..65535 without leading zeros.
+-- (inet_pton refuses them too), [IPv6], and a port 1..65535 without leading
+-- zeros; then, optionally, "=" and a weight.
 local function parse_peer(text)
+    local weight = 1
+    local address, written = text:match("^(.*)=(%d+)$")
+    if address then
+        weight = parse_weight(written)
+        if not weight then
+            return nil
+        end
+        text = address
+    end
     local host, port = text:match("^(%d+%.%d+%.%d+%.%d+):(%d+)$")
     if host then
         if not is_address(AF_INET, host) then
@@ -46,7 +70,7 @@ local function parse_peer(text)
     if port:sub(1, 1) == "0" or #port > 5 or tonumber(port) > 65535 then
         return nil
     end
-    return { host, tonumber(port) }
+    return { host, tonumber(port), weight }
 end
 
 -- "" is no instance; otherwise host:port items, none of them empty.
@@ -191,31 +215,59 @@ function _M.push()
     ngx.say("revision ", revision)
 end
 
-local function peers_of(app)
+-- The app's parsed entry, parsed again only when its line changed.
+local function entry_of(app)
     local raw = ngx.shared[DICT]:get("app:" .. app)
     if not raw or raw == "" then
         return nil
     end
     local cached = parsed[app]
     if cached and cached.raw == raw then
-        return cached.peers
+        return cached
     end
     local peers = parse_peers(raw)
-    parsed[app] = { raw = raw, peers = peers }
-    return peers
+    local entry = { raw = raw, peers = peers, weighted = false, current = {} }
+    for index, peer in ipairs(peers) do
+        entry.current[index] = 0
+        entry.weighted = entry.weighted or peer[3] ~= 1
+    end
+    parsed[app] = entry
+    return entry
+end
+
+-- nginx's smooth weighted round robin: every peer gains its weight, the one
+-- ahead is picked and loses the total. Over each cycle of the weights' sum,
+-- each peer is picked exactly its weight's number of times, spread out.
+local function pick_weighted(entry)
+    local peers, current = entry.peers, entry.current
+    local total, best = 0, 1
+    for index = 1, #peers do
+        current[index] = current[index] + peers[index][3]
+        total = total + peers[index][3]
+        if current[index] > current[best] then
+            best = index
+        end
+    end
+    current[best] = current[best] - total
+    return best
 end
 
 function _M.route()
     local app = ngx.var.routerd_app
-    local peers = peers_of(app)
-    if not peers or #peers == 0 then
+    local entry = entry_of(app)
+    if not entry or #entry.peers == 0 then
         ngx.status = 503
         ngx.header["Content-Type"] = "text/plain"
         ngx.say("No instance of this app is running.")
         return ngx.exit(503)
     end
-    local index = (next_index[app] or 0) % #peers + 1
-    next_index[app] = index
+    local peers, index = entry.peers, nil
+    if entry.weighted then
+        index = pick_weighted(entry)
+    else
+        index = (next_index[app] or 0) % #peers + 1
+        next_index[app] = index
+    end
     ngx.ctx.routerd = { peers = peers, index = index, tries = 0 }
 end
 
