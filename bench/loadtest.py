@@ -65,15 +65,16 @@ def start_cluster(args: argparse.Namespace, passed: list[str]) -> list[subproces
 def run_every(
     args: argparse.Namespace, stop: threading.Event, events: list[tuple[str, float, float]]
 ) -> None:
-    """Run ``--run`` every ``--every`` seconds (the first after ``--after``), at most
-    ``--runs`` times, until ``stop``."""
+    """Run ``--run`` every ``--every`` seconds, start to start (the first after
+    ``--after``; at once when a run took longer), at most ``--runs`` times, until
+    ``stop``."""
     number = 0
     wait = args.after if args.after is not None else args.every
     while not stop.wait(wait) and (args.runs is None or number < args.runs):
-        wait = args.every
         number += 1
         started = time.time()
         done = subprocess.run(shlex.split(args.run), capture_output=True, text=True, check=False)
+        wait = max(0.0, started + args.every - time.time())
         outcome = "ok" if done.returncode == 0 else f"exit {done.returncode}"
         events.append(
             (f"run {number} ({outcome}, {time.time() - started:.1f} s)", started, time.time())
