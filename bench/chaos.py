@@ -42,7 +42,6 @@ import signal
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ from deploy_helpers import (  # noqa: E402
     run,
     settled_problems,
 )
-from helpers import Routerd, app_config, config_key, wait_for  # noqa: E402
+from helpers import Background, Routerd, app_config, config_key, wait_for  # noqa: E402
 
 NGINX_EXCUSE_S = 5.0  # failures on a router this long after its own nginx was killed
 AFTER_FAULT_S = 3.0  # a failure this long after a fault ended is put beside it
@@ -202,7 +201,7 @@ class Seen:
     failures: list[tuple[float, str, str]] = field(default_factory=list)  # (at, app, what)
 
 
-class Clients:
+class Clients(Background):
     """Per router: a thread with a new connection per request, and a keep-alive
     client, each going round the apps and checking the answer names the app."""
 
@@ -210,19 +209,17 @@ class Clients:
         self.routers, self.apps = routers, apps
         self.new = {r.router_id: Seen() for r in routers}
         self.kept = {r.router_id: Seen() for r in routers}
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(r, keep), daemon=True)
-            for r in routers
-            for keep in (False, True)
-        ]
+        super().__init__()
+        for router in routers:
+            self.spawn(self._run, router, False)
+            self.spawn(self._run, router, True)
 
     def _run(self, router: Routerd, keep: bool) -> None:
         seen = (self.kept if keep else self.new)[router.router_id]
         session = requests.Session()
         url = f"http://127.0.0.1:{router.http_port}/"
         number = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             app = self.apps[number % len(self.apps)]
             number += 1
             at = time.monotonic()
@@ -241,16 +238,6 @@ class Clients:
             seen.requests += 1
             time.sleep(0.01)
 
-    def __enter__(self) -> Clients:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
-
 
 # ----------------------------------------------------------------- deploys
 
@@ -265,19 +252,21 @@ class Outcome:
     unsettled: list[str] = field(default_factory=list)
 
 
-class Deploys:
+class Deploys(Background):
     """``routerd deploy`` of each app in turn until stopped; each outcome, and
     whether the app settled after it."""
+
+    join_timeout = 300.0  # the deploy under way ends first
 
     def __init__(self, cluster: Cluster, apps: list[str], docker: Any) -> None:
         self.cluster, self.apps, self.docker = cluster, apps, docker
         self.outcomes: list[Outcome] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
+        self.spawn(self._run)
 
     def _run(self) -> None:
         number = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             app = self.apps[number % len(self.apps)]
             self.outcomes.append(self.one(app, number))
             number += 1
@@ -309,14 +298,6 @@ class Deploys:
         with contextlib.suppress(AssertionError):
             wait_for(check, SETTLE_S, interval=0.5, message=f"{app} settled")
         return last[0]
-
-    def __enter__(self) -> Deploys:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(300)
 
 
 def classify(code: int, output: str) -> tuple[str, str]:

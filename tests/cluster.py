@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from helpers import Etcd, EtcdApi, free_ports, wait_for
+from helpers import Background, Etcd, EtcdApi, free_ports, wait_for
 
 TOKEN = "routerd-test-cluster"
 CALL_TIMEOUT_S = 3.0  # per attempt: a follower whose leader just died holds a write this long
@@ -358,7 +358,7 @@ def endpoint_of(proxies: list[TcpProxy]) -> str:
 # ---------------------------------------------------------------- traffic
 
 
-class Traffic:
+class Traffic(Background):
     """Requests to ``host`` through every router, a new connection each, from one
     thread per router until the block ends. Every outcome is kept with its time:
     (monotonic seconds, router index, status code or exception name, body)."""
@@ -366,15 +366,13 @@ class Traffic:
     def __init__(self, routers: list[Any], host: str, *, timeout: float = 2.0) -> None:
         self.routers, self.host, self.timeout = routers, host, timeout
         self.seen: list[tuple[float, int, int | str, str]] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(number,), daemon=True)
-            for number in range(len(routers))
-        ]
+        super().__init__()
+        for number in range(len(routers)):
+            self.spawn(self._run, number)
 
     def _run(self, number: int) -> None:
         router = self.routers[number]
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             at = time.monotonic()
             try:
                 answer = router.http(self.host, timeout=self.timeout)
@@ -382,16 +380,6 @@ class Traffic:
             except requests.RequestException as exc:
                 self.seen.append((at, number, type(exc).__name__, ""))
             time.sleep(0.01)
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)
 
     def failures(self) -> list[tuple[float, int, int | str, str]]:
         return [outcome for outcome in self.seen if outcome[2] != 200]

@@ -40,7 +40,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import PREFIX, REPO, Etcd, in_ci
+from helpers import PREFIX, REPO, Background, Etcd, in_ci
 
 IMAGE = "routerd-test-app:3"
 BUSYBOX_TOOLS = ("sh", "httpd", "sleep", "echo", "mkdir", "cat", "true")
@@ -258,7 +258,7 @@ def stop_signal_name(code: int) -> str:
 # ------------------------------------------------------------ traffic
 
 
-class Load:
+class Load(Background):
     """Threads sending requests through nginx, a new connection each, counting failures."""
 
     def sent_between(self, start: float, end: float) -> int:
@@ -268,15 +268,16 @@ class Load:
     def __init__(self, router: Any, host: str, threads: int = 4) -> None:
         self.url = f"http://127.0.0.1:{router.http_port}/"
         self.host = host
-        self.stop = threading.Event()
         self.ok: collections.Counter[str] = collections.Counter()
         self.failures: list[str] = []
         self.sent: list[float] = []  # time.monotonic() as each request was sent
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        super().__init__()
+        for _ in range(threads):
+            self.spawn(self._run)
 
     def _run(self) -> None:
         for _ in itertools.count():
-            if self.stop.is_set():
+            if self.stopping.is_set():
                 return
             self.sent.append(time.monotonic())
             try:
@@ -289,16 +290,6 @@ class Load:
                     self.failures.append(f"HTTP {answer.status_code}")
             except requests.RequestException as exc:
                 self.failures.append(type(exc).__name__)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(10)
 
 
 # ------------------------------------------------------------ engine faults

@@ -45,6 +45,7 @@ ROUTER_ID = "test-router"
 # tests do not wait any longer than the status (test_status.py proves it).
 SETTLE = 0.0
 T = TypeVar("T")
+B = TypeVar("B", bound="Background")
 
 
 # ------------------------------------------------------------------ basics
@@ -81,6 +82,30 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+class Background:
+    """Threads that run while a ``with`` block does and are told to end with it:
+    a subclass ``spawn``s them in ``__init__``, and each loops until ``stopping``."""
+
+    join_timeout = 10.0  # seconds a thread may take to finish its last round
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def spawn(self, target: Callable[..., object], *args: object) -> None:
+        self._threads.append(threading.Thread(target=target, args=args, daemon=True))
+
+    def __enter__(self: B) -> B:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(self.join_timeout)
 
 
 class ProcessDied(AssertionError):

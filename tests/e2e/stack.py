@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import Etcd, in_ci, wait_for
+from helpers import Background, Etcd, in_ci, wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -245,7 +244,7 @@ class Stack:
         return status
 
 
-class Load:
+class Load(Background):
     """Requests to one host from a few threads, each on a new connection,
     until the block ends; counts what answered and what did not."""
 
@@ -253,11 +252,12 @@ class Load:
         self.stack, self.host = stack, host
         self.answers: Counter[str] = Counter()
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+        super().__init__()
+        for _ in range(threads):
+            self.spawn(self._loop)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 answer = self.stack.http(self.host)
                 if answer.status_code == 200:
@@ -267,13 +267,3 @@ class Load:
             except requests.RequestException as exc:
                 self.failures.append(repr(exc))
             time.sleep(0.005)
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(10)

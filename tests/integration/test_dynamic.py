@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 from helpers import (
+    Background,
     active_key,
     app_keys,
     cert_key,
@@ -60,18 +61,18 @@ def workers(router) -> list[int]:
     return sorted(found)
 
 
-class Poller:
+class Poller(Background):
     """Requests for each host in turn, in a thread, a new connection each; every
     outcome is kept in order as (host, status or exception name, body)."""
 
     def __init__(self, router, *hosts):
         self.router, self.hosts = router, hosts
         self.seen: list[tuple[str, int | str, str]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
+        self.spawn(self.run)
 
     def run(self):
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             for host in self.hosts:
                 try:
                     answer = self.router.http(host, timeout=2)
@@ -81,14 +82,6 @@ class Poller:
 
     def of(self, host):
         return [(status, body) for h, status, body in self.seen if h == host]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self.stop.set()
-        self.thread.join(10)
 
 
 def unix_request(path, method, body=b""):

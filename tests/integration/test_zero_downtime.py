@@ -3,41 +3,32 @@
 from __future__ import annotations
 
 import collections
-import threading
 
 import pytest
 import requests
-from helpers import app_keys, config_key, instance_key
+from helpers import Background, app_keys, config_key, instance_key
 
 pytestmark = pytest.mark.integration
 
 CHANGES = 50
 
 
-class Load:
+class Load(Background):
     """Requests in a loop, each on a new connection, counted by outcome."""
 
     def __init__(self, router, host):
         self.router, self.host = router, host
         self.statuses: collections.Counter[int] = collections.Counter()
         self.connection_errors: list[str] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+        super().__init__()
+        self.spawn(self.run)
 
     def run(self):
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             try:
                 self.statuses[self.router.http(self.host).status_code] += 1
             except requests.RequestException as exc:
                 self.connection_errors.append(repr(exc))
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self.stop.set()
-        self.thread.join(10)
 
 
 @pytest.mark.parametrize("dynamic", ["off", "on"])
