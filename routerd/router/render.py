@@ -116,6 +116,16 @@ class Layout:
         return {"http_options": proxy, "https_options": f" ssl{http2}{proxy}"}
 
     @property
+    def variables(self) -> dict[str, str]:
+        """The nginx variables behind the edge's headers: maps that weigh a
+        trusted proxy's word, or, when no one's word is believed, the
+        connection's own (then nothing is looked up per request)."""
+        if self.edge.believes_headers:
+            return {"scheme": "$routerd_scheme", "port": "$routerd_port",
+                    "request_id": "$routerd_request_id"}  # fmt: skip
+        return {"scheme": "$scheme", "port": "$server_port", "request_id": "$request_id"}
+
+    @property
     def https_port(self) -> str:
         """The port part of a redirect to HTTPS: empty for 443."""
         port = self.https_listen.rpartition(":")[2]
@@ -211,7 +221,12 @@ class Renderer:
             return cached[1]
         dynamic = self.layout.lua is not None and app.ip_only
         text = self._render_template(
-            APP_TEMPLATE, app=app, dynamic=dynamic, defaults=Options(), **self._listens()
+            APP_TEMPLATE,
+            app=app,
+            dynamic=dynamic,
+            defaults=Options(),
+            var=self.layout.variables,
+            **self._listens(),
         )
         self._app_text[app.name] = (app, text)
         return text
@@ -229,6 +244,7 @@ class Renderer:
             "layout": self.layout,
             "lua": self.layout.lua,
             "edge": self.layout.edge,
+            "var": self.layout.variables,
             "traffic_log": self.layout.traffic_log,
             "https_port": self.layout.https_port,
             **self.layout.listen_options,

@@ -27,6 +27,12 @@ class Edge:
     keepalive_timeout: int = 75
     traffic_log: bool = True
 
+    @property
+    def believes_headers(self) -> bool:
+        """Whether a peer's X-Forwarded-* and X-Request-Id can be believed: a
+        trusted proxy in HTTP mode (in TCP mode it relays the client's own)."""
+        return bool(self.trusted_proxies) and not self.proxy_protocol
+
 
 @dataclass(frozen=True)
 class NginxSettings:

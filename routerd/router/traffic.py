@@ -50,6 +50,7 @@ ACCESS_LOG_BYTES = 256 * 2**20  # routerd's access log: renamed to <path>.1 past
 ROTATE_GRACE_S = 3.0  # nginx flushes each second and on reopen: then the old file is done
 POLL_S = 0.1
 K = TypeVar("K")
+Seen = tuple[str, str, str, str, str]  # app, release, status, total and upstream time
 
 
 # ---------------------------------------------------------------- routes
@@ -99,11 +100,9 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
     total: float = 0.0
 
-    def observe_all(self, values: list[float]) -> None:
-        counts, place = self.counts, bisect.bisect_left
-        for value in values:
-            counts[place(BUCKETS, value)] += 1
-        self.total += sum(values)
+    def observe(self, value: float, times: int) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += times
+        self.total += value * times
 
     def cumulative(self) -> list[tuple[float, int]]:
         running, out = 0, []
@@ -124,22 +123,19 @@ class TrafficCounts:
         self.upstream: dict[tuple[str, str], Histogram] = {}
         self.malformed = 0
 
-    def add(
-        self,
-        requests: dict[tuple[str, str, str], int],
-        durations: dict[str, list[float]],
-        upstreams: dict[tuple[str, str], list[float]],
-        malformed: int = 0,
-    ) -> None:
-        """One batch: request counts by (app, release, class), and the times seen."""
+    def add(self, seen: dict[Seen, int], malformed: int = 0) -> None:
+        """One batch: how many requests had each (app, release, status, total
+        time, upstream time), as nginx wrote them. Times repeat (nginx writes
+        milliseconds), so each distinct one is parsed once per batch."""
         with self._lock:
             self.malformed += malformed
-            for key, count in requests.items():
-                self.requests[key] = self.requests.get(key, 0) + count
-            for app, values in durations.items():
-                self._histogram(self.duration, app).observe_all(values)
-            for pair, values in upstreams.items():
-                self._histogram(self.upstream, pair).observe_all(values)
+            for (app, release, status, total, took), times in seen.items():
+                key = (app, release, status[:1] + "xx")
+                self.requests[key] = self.requests.get(key, 0) + times
+                if (seconds := logline.seconds(total)) is not None:
+                    self._histogram(self.duration, app).observe(seconds, times)
+                if release != NONE and (seconds := logline.seconds(took)) is not None:
+                    self._histogram(self.upstream, (app, release)).observe(seconds, times)
 
     @staticmethod
     def _histogram(table: dict[K, Histogram], key: K) -> Histogram:
@@ -444,33 +440,34 @@ class TrafficLog:
         self._current = self._open(at_end=False)
 
     def handle(self, lines: list[str]) -> None:
-        """Count and log one batch of complete lines (the hot path: kept flat)."""
-        routes, access_log = self.routes, self.access_log
+        """Count and log one batch of complete lines (the hot path: kept flat,
+        with what it calls per line bound to local names)."""
+        routes, access_log, last = self.routes, self.access_log, logline.last
         fmt = access_log.format if access_log is not None else None
-        requests: dict[tuple[str, str, str], int] = {}
-        durations: dict[str, list[float]] = {}
-        upstreams: dict[tuple[str, str], list[float]] = {}
-        out, malformed = [], 0
+        plain, general = fmt or logline.FORMATS["json"]
+        seen: dict[Seen, int] = {}
+        count = seen.get
+        out: list[str] = []
+        write = out.append
+        malformed = 0
         for line in lines:
             f = line.split("\t")
-            if len(f) != len(logline.FIELDS):
+            if len(f) != 16:  # logline.COUNT, spelled out on the hot path
                 malformed += 1
                 continue
-            route = routes.get(f[logline.APP])
+            route = routes.get(f[2])  # the app
             if route is None:
                 app, release, instance = NONE, NONE, ""
             else:
-                app = f[logline.APP]
-                release, instance = route.instances.get(logline.last(f[logline.UPSTREAM]), NOBODY)
-            key = (app, release, f[logline.STATUS][:1] + "xx")
-            requests[key] = requests.get(key, 0) + 1
-            if (total := logline.seconds(f[logline.REQUEST_TIME])) is not None:
-                durations.setdefault(app, []).append(total)
-            if release != NONE and (took := logline.seconds(f[logline.RESPONSE_TIME])) is not None:
-                upstreams.setdefault((app, release), []).append(took)
+                app, upstream = f[2], f[3]
+                if " " in upstream:  # tries: the last one answered
+                    upstream = last(upstream)
+                release, instance = route.instances.get(upstream, NOBODY)
+            key = (app, release, f[4], f[6], f[8])  # status, total time, upstream time
+            seen[key] = count(key, 0) + 1
             if fmt is not None and (route is None or route.access_log):
-                out.append(fmt(f, app, release, instance))
+                write((plain if "\\" not in line else general)(f, app, release, instance))
         if self.counts is not None:
-            self.counts.add(requests, durations, upstreams, malformed)
+            self.counts.add(seen, malformed)
         if access_log is not None:
             access_log.write(out)

@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from routerd.router import logline
 from routerd.router.model import App, Instance, Options, RoutingTable
@@ -61,9 +63,11 @@ def shop(active: str = "v2", **options: bool) -> App:
 
 
 def formatted(fmt: str, text: str, release: str = "v1", instance: str = "web.1") -> str:
+    """The line as TrafficLog.handle writes it: the plain path when it can."""
     fields = logline.split(text)
     assert fields is not None
-    return logline.FORMATS[fmt](fields, "shop", release, instance)
+    write = logline.FORMATS[fmt]
+    return (write.plain if "\\" not in text else write.any)(fields, "shop", release, instance)
 
 
 # ------------------------------------------------------------- the line
@@ -138,6 +142,39 @@ def test_heroku_line_without_an_instance() -> None:
     text = formatted("heroku", line(upstream="-", status="503", response="-"), NONE, "")
     assert " dyno= connect=1ms service= status=503 " in text
     assert " upstream= " in text
+
+
+def nginx_line(fields: list[bytes]) -> str:
+    return "\t".join(nginx_escape(raw) for raw in fields)
+
+
+PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in '"\\')
+FIELD = st.text(PRINTABLE, max_size=12).map(str.encode) | st.sampled_from(
+    [b"-", b"", b"0.004", b"1.5, 0.25 : 3", b"05", b"5.", b"1e5"]
+)
+NAME = st.from_regex(r"-|[A-Za-z0-9][A-Za-z0-9._-]{0,8}", fullmatch=True)
+
+
+@given(st.lists(FIELD, min_size=len(logline.FIELDS), max_size=len(logline.FIELDS)), NAME, NAME)
+def test_the_plain_path_writes_what_the_general_one_does(
+    fields: list[bytes], release: str, instance: str
+) -> None:
+    """For a line with no backslash, both formats' plain path gives the general one's line."""
+    fields[0] = b"1764583200.123"
+    text = nginx_line(fields)
+    split = logline.split(text)
+    assert split is not None
+    for fmt in logline.FORMATS.values():
+        assert fmt.plain(split, "shop", release, instance) == fmt.any(
+            split, "shop", release, instance
+        )
+
+
+def test_nginx_time_is_written_as_iso_time_would() -> None:
+    """$msec gives the same text as the arithmetic would, from the cache and past it."""
+    for msec in ("1764583200.123", "1764583201.000", "1764583200.999", "1764583200.5", "x"):
+        expected = logline.iso_time(float(msec)) if msec != "x" else ""
+        assert logline.msec_time(msec) == logline.msec_time(msec) == expected
 
 
 # ------------------------------------------------------------ the counts
