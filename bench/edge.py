@@ -13,7 +13,8 @@ a shuffled order each round, with keep-alive and with a new connection per
 request (``Connection: close``). The tables give the median requests/s over
 ``--rounds``, the CPU each router's processes (nginx and routerd) spent per
 request, which holds up better than throughput when other work shares the
-machine, and the ratios that matter. After the runs each counting router's
+machine, and the ratios that matter (each the median of the rounds' own
+ratios, as the runs of one round are close in time). After the runs each counting router's
 request counter is compared with the requests wrk completed against it (the
 few more it counts were in flight when wrk stopped).
 
@@ -232,6 +233,13 @@ def median(target: Target, load: str) -> float:
     return statistics.median(target.rps[load])
 
 
+def paired(a: Target, b: Target, load: str) -> float:
+    """The median over rounds of a's rate against b's in the same round: runs
+    of one round are close in time, so a slow spell of the machine weighs on
+    both sides of each ratio."""
+    return statistics.median(x / y for x, y in zip(a.rps[load], b.rps[load], strict=True))
+
+
 def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
     loads = ("keep-alive", "new connection")
     print(
@@ -254,7 +262,8 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
         )
         print(f"| {name} | {cpu} |")
     minimal = targets["minimal nginx"]
-    print("\n| ratio | keep-alive | new connection |")
+    print("\nratios: the median of each round's own ratio")
+    print("| ratio | keep-alive | new connection |")
     print("|---|---|---|")
     for mode in ("reload path", "Lua"):
         on, off = targets[f"routerd {mode}, logs+metrics on"], targets[f"routerd {mode}, off"]
@@ -265,8 +274,26 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
             (f"{mode}: on / minimal nginx", on, minimal),
             (f"{mode}: off / minimal nginx", off, minimal),
         ):
-            ratios = " | ".join(f"{median(a, load) / median(b, load):.1%}" for load in loads)
+            ratios = " | ".join(f"{paired(a, b, load):.1%}" for load in loads)
             print(f"| {label} | {ratios} |")
+
+
+def start_app(bench: Bench) -> tuple[int, int]:
+    """The backend nginx on two ports, and the app ``edge`` routed to both."""
+    # Run as root, nginx's workers are nobody: they must reach their log files
+    # to reopen them when routerd rotates the traffic log.
+    bench.dir.chmod(0o755)
+    a, b = free_port(), free_port()
+    backend = start_nginx(bench.dir / "backend", BACKEND_CONF.format(a=a, b=b, dir="{dir}"))
+    bench.procs.append(backend)
+    bench.put_many(
+        {
+            "/routerd/apps/edge/config": json.dumps({"domains": [HOST]}),
+            "/routerd/apps/edge/releases/v1/web1": f"127.0.0.1:{a}",
+            "/routerd/apps/edge/releases/v1/web2": f"127.0.0.1:{b}",
+        }
+    )
+    return a, b
 
 
 def main() -> None:
@@ -280,19 +307,7 @@ def main() -> None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
 
     with Bench(backend_ports=0) as bench:
-        # Run as root, nginx's workers are nobody: they must reach their log files
-        # to reopen them when routerd rotates the traffic log.
-        bench.dir.chmod(0o755)
-        a, b = free_port(), free_port()
-        backend = start_nginx(bench.dir / "backend", BACKEND_CONF.format(a=a, b=b, dir="{dir}"))
-        bench.procs.append(backend)
-        bench.put_many(
-            {
-                "/routerd/apps/edge/config": json.dumps({"domains": [HOST]}),
-                "/routerd/apps/edge/releases/v1/web1": f"127.0.0.1:{a}",
-                "/routerd/apps/edge/releases/v1/web2": f"127.0.0.1:{b}",
-            }
-        )
+        a, b = start_app(bench)
         minimal = Target("minimal nginx", free_port())
         text = MINIMAL_CONF.format(a=a, b=b, port=minimal.port, dir="{dir}")
         minimal.procs.append(start_nginx(bench.dir / "minimal", text))
