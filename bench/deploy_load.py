@@ -94,11 +94,11 @@ class Load:
         started = time.monotonic()
         request = f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", self.port), 5
-            )
+            async with asyncio.timeout(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
             writer.write(request)
-            data = await asyncio.wait_for(reader.read(-1), 10)
+            async with asyncio.timeout(10):
+                data = await reader.read(-1)
             writer.close()
             head, _, body = data.partition(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])

@@ -135,7 +135,8 @@ class _Client(aetcd.Client):
         if self._connected.is_set():
             return
         if self._is_connecting:  # type: ignore[has-type]  # another task connects: wait, as aetcd does
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            async with asyncio.timeout(self._connect_wait_timeout):
+                await self._connected.wait()
             return
         self._is_connecting = True
         try:

@@ -93,12 +93,12 @@ async def fetch_traffic(address: str, app: str, *, timeout: float = 2.0) -> AppT
     host, _, port = address.rpartition(":")
     where = f"http://{address}/traffic"
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host.strip("[]"), int(port)), timeout
-        )
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
         try:
             writer.write(f"GET /traffic?app={quote(app)} HTTP/1.0\r\n\r\n".encode())
-            response = await asyncio.wait_for(reader.read(), timeout)
+            async with asyncio.timeout(timeout):
+                response = await reader.read()
         finally:
             writer.close()
     except (OSError, TimeoutError, ValueError) as exc:

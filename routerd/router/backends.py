@@ -195,9 +195,8 @@ class Backends:
 
     async def _request(self, method: str, payload: bytes) -> str:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.socket)), 2.0
-            )
+            async with asyncio.timeout(2.0):
+                reader, writer = await asyncio.open_unix_connection(str(self.socket))
         except (TimeoutError, OSError) as exc:
             raise ReloadError(f"backend socket {self.socket}: {exc}") from exc
         try:
@@ -206,7 +205,8 @@ class Backends:
                 f"Content-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )
-            response = await asyncio.wait_for(reader.read(), 10.0)
+            async with asyncio.timeout(10.0):
+                response = await reader.read()
         except (TimeoutError, OSError) as exc:
             raise ReloadError(f"backend push: {exc}") from exc
         finally:

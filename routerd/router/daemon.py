@@ -174,7 +174,8 @@ class Daemon:
                 self._wake.clear()
                 timeout = None if deadline is None else deadline - time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 continue
             self.debouncer.reset()
             if self._templates_dirty:

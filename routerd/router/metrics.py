@@ -97,7 +97,8 @@ class HealthServer:
         with contextlib.suppress(
             OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
         ):
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            async with asyncio.timeout(5.0):
+                request = await reader.readuntil(b"\r\n\r\n")
             parts = request.split(b" ", 2)
             target = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
             path, _, query = target.partition("?")

@@ -132,14 +132,14 @@ class Nginx:
     async def serving(self) -> str | None:
         """The generation the status server answers with, or None when it does not answer."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.status_host, self.status_port), 1.0
-            )
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection(self.status_host, self.status_port)
         except (TimeoutError, OSError):
             return None
         try:
             writer.write(b"GET / HTTP/1.0\r\nHost: routerd-status\r\n\r\n")
-            response = await asyncio.wait_for(reader.read(4096), 1.0)
+            async with asyncio.timeout(1.0):
+                response = await reader.read(4096)
         except (TimeoutError, OSError):
             return None
         finally:

@@ -64,8 +64,11 @@ class StatusWriter:
             if self.status is not None:
                 await self.store.put(self.key, self.status.to_json(), lease=self._lease)
         woken = False
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._dirty.wait(), self.ttl / 3)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+        # cancellation that meets the event being set, and a SIGTERM then never stops.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.ttl / 3):
+                await self._dirty.wait()
             woken = True
         if woken and time.monotonic() - self._refreshed < self.ttl / 3:
             return
