@@ -17,16 +17,16 @@ from routerd.routerstatus import RouterStatus
 
 
 class AnsweringStore:
-    """Grants, puts and refreshes at once, counting the puts."""
+    """Grants, puts and refreshes at once; ``written`` is set by a put."""
 
     def __init__(self) -> None:
-        self.puts = 0
+        self.written = asyncio.Event()
 
     async def lease(self, ttl: int) -> str:
         return "lease"
 
     async def put(self, key: str, value: bytes, lease: Any = None) -> None:
-        self.puts += 1
+        self.written.set()
 
     async def refresh(self, lease: Any) -> int:
         return 30
@@ -43,8 +43,7 @@ def test_a_stop_that_meets_a_status_update_still_stops() -> None:
         task = asyncio.create_task(writer.run())
         writer.update(RouterStatus(1, "0" * 64, "shared"))
         async with asyncio.timeout(2):
-            while store.puts == 0:
-                await asyncio.sleep(0)  # the first status is written; now it waits
+            await store.written.wait()  # the first status is written; now it waits
         for _ in range(3):
             await asyncio.sleep(0)
         writer.update(RouterStatus(2, "0" * 64, "shared"))  # wakes the wait...
