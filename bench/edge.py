@@ -4,7 +4,9 @@ routerd's config against a minimal hand-written nginx proxy.
 One etcd, one backend nginx (two ports answering a short body, the cheapest
 backend there is, so the router is what is measured) and, side by side on
 their own ports: a plain nginx with a minimal proxy config to the same two
-backends (upstream keepalive, no log), and six ``routerd run --supervise``
+backends (upstream keepalive, no log), the same with the headers routerd
+sends added by hand (what the edge's features cost apart from how
+routerd's config is built), and six ``routerd run --supervise``
 routers for the same app, with and without the Lua balancer: access log
 (JSON, to a file) and traffic metrics on, metrics only (``--access-log
 off``), or both off (``--access-log off --no-traffic-metrics``). Only the
@@ -92,6 +94,38 @@ http {{
     }}
 }}
 """
+# The headers routerd sends with no proxy trusted, written by hand into the
+# minimal config: what apps receive and the request id sent back. The price of
+# the edge's features themselves, apart from how routerd's config is built.
+START_MAP = r"""
+    map $msec $routerd_request_start {
+        "~^([0-9]+)\.([0-9]+)$" "t=$1$2";
+        default "t=$msec";
+    }
+"""
+EDGE_HEADERS = r"""
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Port $server_port;
+            proxy_set_header X-Request-Id $request_id;
+            proxy_set_header X-Request-Start $routerd_request_start;
+            proxy_set_header Forwarded "";
+            add_header X-Request-Id $request_id always;
+"""
+
+
+def with_edge_headers(template: str) -> str:
+    """A config template with routerd's headers added (and PCRE's JIT, as routerd's)."""
+    last = '            proxy_set_header Connection "";'
+    text = template.replace("events {{", "pcre_jit on;\nevents {{", 1)
+    start_map = START_MAP.replace("{", "{{").replace("}", "}}")
+    text = text.replace("    upstream app", start_map + "    upstream app", 1)
+    return text.replace(last, last + EDGE_HEADERS, 1)
+
+
+MINIMAL_HEADERS_CONF = with_edge_headers(MINIMAL_CONF)
+
 WRK_SCRIPT = """
 done = function(summary, latency, requests)
   io.write(string.format('\\nWRK-JSON {"requests": %d, "seconds": %.3f, "errors": %d}\\n',
@@ -261,7 +295,7 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
             for load in loads
         )
         print(f"| {name} | {cpu} |")
-    minimal = targets["minimal nginx"]
+    minimal, headers = targets["minimal nginx"], targets["minimal nginx + routerd's headers"]
     print("\nratios: the median of each round's own ratio")
     print("| ratio | keep-alive | new connection |")
     print("|---|---|---|")
@@ -273,9 +307,12 @@ def report(targets: dict[str, Target], args: argparse.Namespace) -> None:
             (f"{mode}: metrics only / off", only, off),
             (f"{mode}: on / minimal nginx", on, minimal),
             (f"{mode}: off / minimal nginx", off, minimal),
+            (f"{mode}: off / minimal nginx + routerd's headers", off, headers),
         ):
             ratios = " | ".join(f"{paired(a, b, load):.1%}" for load in loads)
             print(f"| {label} | {ratios} |")
+    ratios = " | ".join(f"{paired(headers, minimal, load):.1%}" for load in loads)
+    print(f"| routerd's headers alone: minimal + headers / minimal | {ratios} |")
 
 
 def start_app(bench: Bench) -> tuple[int, int]:
@@ -308,10 +345,15 @@ def main() -> None:
 
     with Bench(backend_ports=0) as bench:
         a, b = start_app(bench)
-        minimal = Target("minimal nginx", free_port())
-        text = MINIMAL_CONF.format(a=a, b=b, port=minimal.port, dir="{dir}")
-        minimal.procs.append(start_nginx(bench.dir / "minimal", text))
-        targets = {minimal.name: minimal}
+        targets: dict[str, Target] = {}
+        for name, template in (
+            ("minimal nginx", MINIMAL_CONF),
+            ("minimal nginx + routerd's headers", MINIMAL_HEADERS_CONF),
+        ):
+            target = targets[name] = Target(name, free_port())
+            text = template.format(a=a, b=b, port=target.port, dir="{dir}")
+            nginx_dir = bench.dir / re.sub(r"[^a-z]+", "-", name.lower()).strip("-")
+            target.procs.append(start_nginx(nginx_dir, text))
         variants = (
             ("logs+metrics on", ()),
             ("metrics only", ("--access-log", "off")),

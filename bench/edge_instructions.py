@@ -11,10 +11,11 @@ kernel's share, the same socket work for every config, is not counted).
 
 The configs: the minimal proxy of ``edge.py``; the same with the headers
 routerd's config adds (what apps receive, and the request id sent back),
-as routerd sends them, with a constant request id, which prices nginx's
-``$request_id`` (16 bytes from OpenSSL's RAND_bytes), and with a constant
-X-Request-Start too, which prices turning ``$msec`` into milliseconds; and the config
-routerd renders, both backend modes, with the traffic log off and on.
+as routerd sends them (``edge.MINIMAL_HEADERS_CONF``), with a constant
+request id, which prices nginx's ``$request_id`` (16 bytes from OpenSSL's
+RAND_bytes), and with a constant X-Request-Start too, which prices turning
+``$msec`` into milliseconds; and the config routerd renders, both backend
+modes, with the traffic log off and on.
 
     python bench/edge_instructions.py [--requests 500]
 """
@@ -40,25 +41,6 @@ sys.path[:0] = [str(ROOT / "bench")]
 import edge  # noqa: E402
 from harness import Bench, free_port, http_get, wait_until  # noqa: E402
 
-# The headers of routerd's http block with no proxy trusted, written by hand:
-# the map in the http block, the headers in the minimal config's location (a
-# level with proxy_set_header of its own inherits none from above).
-START_MAP = r"""
-    map $msec $routerd_request_start {
-        "~^([0-9]+)\.([0-9]+)$" "t=$1$2";
-        default "t=$msec";
-    }
-"""
-EDGE_HEADERS = r"""
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Port $server_port;
-            proxy_set_header X-Request-Id $request_id;
-            proxy_set_header X-Request-Start $routerd_request_start;
-            proxy_set_header Forwarded "";
-            add_header X-Request-Id $request_id always;
-"""
 ROUTERD = {
     "routerd reload path, traffic log off": ("off", "--access-log", "off", "--no-traffic-metrics"),
     "routerd reload path, traffic log on": ("off",),
@@ -152,9 +134,7 @@ def main() -> None:
     with Bench(backend_ports=0) as bench:
         a, b = edge.start_app(bench)
         minimal = edge.MINIMAL_CONF.format(a=a, b=b, port="{port}", dir="{dir}")
-        last = '            proxy_set_header Connection "";'
-        with_headers = minimal.replace("    upstream app", START_MAP + "    upstream app")
-        with_headers = with_headers.replace(last, last + EDGE_HEADERS)
+        with_headers = edge.MINIMAL_HEADERS_CONF.format(a=a, b=b, port="{port}", dir="{dir}")
         constant = with_headers.replace("$request_id", "constant-id")
         no_start = constant.replace("X-Request-Start $routerd_request_start", "X-Request-Start t=0")
         configs: list[tuple[str, Callable[[], tuple[Path, int]]]] = [
