@@ -118,6 +118,9 @@ EDGE_HEADERS = r"""
 def with_edge_headers(template: str) -> str:
     """A config template with routerd's headers added (and PCRE's JIT, as routerd's)."""
     last = '            proxy_set_header Connection "";'
+    for anchor in ("events {{", "    upstream app", last):
+        if anchor not in template:  # the headers would be left out without a word
+            raise ValueError(f"no {anchor.strip()!r} in the config to add routerd's headers to")
     text = template.replace("events {{", "pcre_jit on;\nevents {{", 1)
     start_map = START_MAP.replace("{", "{{").replace("}", "}}")
     text = text.replace("    upstream app", start_map + "    upstream app", 1)
